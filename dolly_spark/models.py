@@ -1,0 +1,104 @@
+"""Executor-side model loading: files fetched once per node, the engine loaded once per process.
+
+Registry models are downloaded into the node-local cache under a directory named by their
+version, behind a file lock (parallel Python workers on one node download once) and with an
+atomic rename (a crashed download never looks complete). Each load is appended to the
+version's load ledger, which is how benchmarks and tests count loads across worker processes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from filelock import FileLock
+
+from dolly_spark.registry import ModelSpec
+from dolly_spark.settings import model_cache_dir
+
+log = logging.getLogger(__name__)
+
+LOAD_LEDGER = "loads.log"
+_engines: dict[tuple, object] = {}
+_engines_lock = threading.Lock()
+
+
+def version_cache_dir(spec: ModelSpec, cache_root: str | None = None) -> Path:
+    """The node-local directory for ``spec``'s files and its load ledger, under ``cache_root``
+    (default: the project's model cache)."""
+    directory = (Path(cache_root) if cache_root else model_cache_dir()) / spec.cache_key
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def fetch_model_files(spec: ModelSpec, cache_root: str | None = None) -> str:
+    """A local path (or, for hub models, the hub id) from which transformers loads ``spec``."""
+    if spec.kind != "registry":
+        return spec.uri
+    target = version_cache_dir(spec, cache_root) / "files"
+    if target.exists():
+        return str(target)
+    with FileLock(str(target.with_name("download.lock"))):
+        if target.exists():  # another worker finished the download while we waited
+            return str(target)
+        import mlflow
+
+        if spec.tracking_uri:
+            mlflow.set_tracking_uri(spec.tracking_uri)
+        if spec.registry_uri:
+            mlflow.set_registry_uri(spec.registry_uri)
+        staging = target.with_name(f"files.partial-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        started = time.perf_counter()
+        mlflow.artifacts.download_artifacts(artifact_uri=spec.uri, dst_path=str(staging))
+        os.rename(staging, target)
+        log.info("downloaded %s to %s in %.1fs", spec.uri, target, time.perf_counter() - started)
+    return str(target)
+
+
+def checkpoint_paths(model_dir: str) -> tuple[str, str]:
+    """(model path, tokenizer path) inside a model directory.
+
+    An MLflow transformers model keeps the weights in ``model/`` and the tokenizer in
+    ``components/tokenizer/``; a plain checkpoint keeps both at its top level.
+    """
+    root = Path(model_dir)
+    if (root / "MLmodel").exists():
+        weights = root / "model"
+        tokenizer = root / "components" / "tokenizer"
+        return str(weights), str(tokenizer if tokenizer.exists() else weights)
+    return model_dir, model_dir
+
+
+def load_engine(spec: ModelSpec, settings, gpu_index: int | None = None, cache_root: str | None = None):
+    """The InstructionEngine for ``spec``, loaded at most once per process and reused after."""
+    from dolly_spark.engine import InstructionEngine
+
+    key = (spec, settings, gpu_index)
+    with _engines_lock:
+        engine = _engines.get(key)
+        if engine is None:
+            started = time.perf_counter()
+            model_path, tokenizer_path = checkpoint_paths(fetch_model_files(spec, cache_root))
+            engine = InstructionEngine.from_pretrained(
+                model_path, spec.prompt_format, settings, gpu_index=gpu_index, tokenizer_path=tokenizer_path
+            )
+            _engines[key] = engine
+            _record_load(spec, engine, time.perf_counter() - started, cache_root)
+    return engine
+
+
+def _record_load(spec: ModelSpec, engine, seconds: float, cache_root: str | None) -> None:
+    line = f"{time.time():.3f} pid={os.getpid()} device={engine.device} seconds={seconds:.2f}\n"
+    with open(version_cache_dir(spec, cache_root) / LOAD_LEDGER, "a", encoding="utf-8") as ledger:
+        ledger.write(line)
+    log.info("loaded %s (version %s) on %s in %.1fs", spec.name, spec.version, engine.device, seconds)
+
+
+def load_count(spec: ModelSpec, cache_root: str | None = None) -> int:
+    """How many times ``spec`` was loaded on this node (every process together)."""
+    ledger = version_cache_dir(spec, cache_root) / LOAD_LEDGER
+    return len(ledger.read_text().splitlines()) if ledger.exists() else 0

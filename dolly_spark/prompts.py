@@ -1,0 +1,186 @@
+"""Prompt formats: the single source of truth for how instructions become model text and tokens.
+
+A format renders ``prompt(instruction, context)`` (what generation continues) and
+``training_text(instruction, context, response)`` (what fine-tuning learns). It also renders
+both as *segments*: template text, in which added special tokens such as ``### End`` are
+recognised, and user text (instruction, context, response), which is always tokenized as plain
+characters. That is what keeps a ticket that quotes ``### End`` from ending generation early.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+INTRO_BLURB = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
+INSTRUCTION_KEY = "### Instruction:"
+INPUT_KEY = "Input:"
+RESPONSE_KEY = "### Response:"
+END_KEY = "### End"
+RESPONSE_KEY_NL = f"{RESPONSE_KEY}\n"
+# Added to the vocabulary of models trained in the Dolly format; the response key includes its
+# newline so that it is a single token.
+DOLLY_SPECIAL_TOKENS = (END_KEY, INSTRUCTION_KEY, RESPONSE_KEY_NL)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of prompt text; ``template`` pieces may contain special tokens, user pieces never."""
+
+    text: str
+    template: bool
+
+
+class PromptFormat(Protocol):
+    name: str
+
+    def prompt_segments(self, instruction: str, context: str | None = None) -> list[Segment]: ...
+
+    def response_segments(self, response: str) -> list[Segment]: ...
+
+    def stop_strings(self) -> tuple[str, ...]: ...
+
+
+def has_context(context: str | None) -> bool:
+    """An empty or blank context means none, as in databricks-dolly-15k."""
+    return bool(context and context.strip())
+
+
+def render(segments: list[Segment]) -> str:
+    return "".join(segment.text for segment in segments)
+
+
+class _RenderMixin:
+    def prompt(self, instruction: str, context: str | None = None) -> str:
+        """The text generation continues from."""
+        return render(self.prompt_segments(instruction, context))
+
+    def training_text(self, instruction: str, context: str | None, response: str) -> str:
+        """The whole example a model is fine-tuned on: prompt, response and stop."""
+        return render(self.prompt_segments(instruction, context) + self.response_segments(response))
+
+
+class DollyFormat(_RenderMixin):
+    """Byte-exact Dolly v2: intro blurb, instruction, optional Input block, response, ``### End``."""
+
+    name = "dolly"
+
+    def prompt_segments(self, instruction: str, context: str | None = None) -> list[Segment]:
+        segments = [Segment(f"{INTRO_BLURB}\n\n", True), Segment(INSTRUCTION_KEY, True),
+                    Segment(f"\n{instruction}\n\n", False)]
+        if has_context(context):
+            segments += [Segment(f"{INPUT_KEY}\n", True), Segment(f"{context}\n\n", False)]
+        segments.append(Segment(RESPONSE_KEY_NL, True))
+        return segments
+
+    def response_segments(self, response: str) -> list[Segment]:
+        return [Segment(f"{response}\n\n", False), Segment(END_KEY, True)]
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return (END_KEY, INSTRUCTION_KEY)
+
+
+class PlainFormat(_RenderMixin):
+    """Instruction and context joined by a blank line, for base models without a template."""
+
+    name = "plain"
+
+    def prompt_segments(self, instruction: str, context: str | None = None) -> list[Segment]:
+        text = f"{instruction}\n\n{context}\n\n" if has_context(context) else f"{instruction}\n\n"
+        return [Segment(text, False)]
+
+    def response_segments(self, response: str) -> list[Segment]:
+        return [Segment(response, False)]
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return ()
+
+
+class ChatFormat(_RenderMixin):
+    """The tokenizer's own chat template; instruction and context form one user message."""
+
+    name = "chat"
+    # Rendered in place of the user message, then cut out again, so the template's own text
+    # (with its special tokens) and the user's text are told apart exactly.
+    _PLACEHOLDER = "\u2063DOLLY_SPARK_USER_MESSAGE\u2063"
+
+    def __init__(self, tokenizer: Any):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "prompt format 'chat' needs a tokenizer with a chat template; this tokenizer has "
+                "none. Use prompt_format='dolly' or 'plain'."
+            )
+        self.tokenizer = tokenizer
+
+    @staticmethod
+    def user_message(instruction: str, context: str | None) -> str:
+        return f"{instruction}\n\n{context}" if has_context(context) else instruction
+
+    def _template_around_user(self, add_generation_prompt: bool, response: str | None = None):
+        messages = [{"role": "user", "content": self._PLACEHOLDER}]
+        if response is not None:
+            messages.append({"role": "assistant", "content": response})
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        before, after = text.split(self._PLACEHOLDER)
+        return before, after
+
+    def prompt_segments(self, instruction: str, context: str | None = None) -> list[Segment]:
+        before, after = self._template_around_user(add_generation_prompt=True)
+        return [Segment(before, True), Segment(self.user_message(instruction, context), False),
+                Segment(after, True)]
+
+    def response_segments(self, response: str) -> list[Segment]:
+        _, prompt_after = self._template_around_user(add_generation_prompt=True)
+        _, full_after = self._template_around_user(add_generation_prompt=False, response="\x00")
+        # The assistant turn as the template writes it, minus the generation prompt.
+        turn = full_after[len(prompt_after):] if full_after.startswith(prompt_after) else full_after
+        head, tail = turn.split("\x00")
+        return [Segment(head, True), Segment(response, False), Segment(tail, True)]
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return ()
+
+
+FORMAT_NAMES = ("dolly", "chat", "plain")
+
+
+def get_format(name: str, tokenizer: Any = None) -> PromptFormat:
+    """The prompt format called ``name`` ("dolly", "chat" or "plain").
+
+    "chat" renders through ``tokenizer``'s chat template, so it needs the tokenizer.
+    """
+    if name == "dolly":
+        return DollyFormat()
+    if name == "plain":
+        return PlainFormat()
+    if name == "chat":
+        if tokenizer is None:
+            raise ValueError("prompt format 'chat' needs the model's tokenizer: get_format('chat', tokenizer)")
+        return ChatFormat(tokenizer)
+    raise ValueError(f"unknown prompt format {name!r}; choose one of {', '.join(FORMAT_NAMES)}.")
+
+
+def infer_format_name(tokenizer: Any) -> str:
+    """The format a model was most likely built for: Dolly keys in its vocabulary, else its chat
+    template, else plain text."""
+    vocab = tokenizer.get_vocab()
+    if all(token in vocab for token in DOLLY_SPECIAL_TOKENS):
+        return "dolly"
+    if getattr(tokenizer, "chat_template", None):
+        return "chat"
+    return "plain"
+
+
+def encode_segments(tokenizer: Any, segments: list[Segment]) -> list[int]:
+    """Token ids of ``segments``: special tokens recognised in template text only."""
+    ids: list[int] = []
+    for segment in segments:
+        if segment.text:
+            ids += tokenizer(
+                segment.text, add_special_tokens=False, split_special_tokens=not segment.template
+            )["input_ids"]
+    return ids

@@ -1,0 +1,149 @@
+"""apply_instruction: run an instruction over every row of a Spark DataFrame.
+
+The Spark layer is transport only: it resolves the model on the driver, ships rows to Python
+workers in Arrow batches, and hands them to the engine, which does the batching and parsing.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import pandas as pd
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql.functions import pandas_udf
+from pyspark.sql.types import BooleanType, IntegerType, StringType, StructField, StructType
+
+from dolly_spark.registry import ModelSpec, resolve_model
+from dolly_spark.settings import model_cache_dir
+from dolly_spark.tables import ARROW_BATCH_CONF, require_columns
+
+log = logging.getLogger(__name__)
+
+RESULT_SCHEMA = StructType(
+    [
+        StructField("response", StringType()),
+        StructField("finish_reason", StringType()),
+        StructField("error", StringType()),
+        StructField("prompt_tokens", IntegerType()),
+        StructField("completion_tokens", IntegerType()),
+        StructField("truncated", BooleanType()),
+        StructField("model_name", StringType()),
+        StructField("model_version", StringType()),
+    ]
+)
+
+
+def apply_instruction(
+    df: DataFrame,
+    instruction: str | Column,
+    *,
+    model_uri: str,
+    input_col: str | None = None,
+    output_col: str = "response",
+    key_col: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    prompt_format: str | None = None,
+    token_budget: int = 16384,
+    max_batch_rows: int = 64,
+    on_overlong: str = "truncate",
+    strategy: str = "static",
+    arrow_batch_size: int | None = None,
+) -> DataFrame:
+    """``df`` with one more column, ``output_col``: a struct per row with ``response``,
+    ``finish_reason`` (stop | eos | length | error), ``error``, ``prompt_tokens``,
+    ``completion_tokens``, ``truncated``, ``model_name`` and ``model_version``.
+
+    ``instruction`` is one string for every row or a string Column (one instruction per row);
+    ``input_col`` holds each row's context (the ``Input:`` of the Dolly prompt). ``model_uri`` is
+    ``models:/name/3``, ``models:/name@champion``, ``models:/<model id>``, a local checkpoint or
+    a hub id; a registry URI is resolved to one version here, on the driver, before anything
+    runs. The prompt format comes from the registered model's metadata unless
+    ``prompt_format`` is given. Sampling (``temperature`` > 0) is seeded per row from
+    ``key_col`` (or the row's text), so a retried task reproduces its rows.
+
+    Just the text: ``apply_instruction(df, ...).select("*", F.col("response.response").alias("text"))``.
+    Raises ValueError before any Spark job when a column or the model is wrong.
+    """
+    from dolly_spark.engine import GenerationSettings
+
+    instruction_column = _instruction_column(df, instruction)
+    roles = {"input column": input_col} if input_col else {}
+    require_columns(df, roles, "the DataFrame")
+    if key_col and key_col not in df.columns:
+        raise ValueError(f"key column {key_col!r} is not a column of the DataFrame; its columns are {df.columns}")
+    if output_col in df.columns:
+        raise ValueError(f"output column {output_col!r} already exists; pass another output_col")
+    settings = GenerationSettings(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+        token_budget=token_budget, max_batch_rows=max_batch_rows, on_overlong=on_overlong, strategy=strategy,
+    )
+    spec = resolve_model(model_uri, prompt_format)
+    log.info("apply_instruction: %s resolved to %s (version %s, format %s)",
+             model_uri, spec.uri, spec.version, spec.prompt_format or "auto")
+    if arrow_batch_size:
+        # Session-wide by Spark's design: it is read when the action runs.
+        df.sparkSession.conf.set(ARROW_BATCH_CONF, str(arrow_batch_size))
+    generate = instruction_udf(spec, settings, str(model_cache_dir()), require_input=input_col is not None)
+    context = F.col(input_col) if input_col else F.lit(None).cast("string")
+    key = F.col(key_col).cast("string") if key_col else F.lit(None).cast("string")
+    return df.withColumn(output_col, generate(instruction_column, context, key))
+
+
+def _instruction_column(df: DataFrame, instruction: str | Column) -> Column:
+    if isinstance(instruction, Column):
+        dtype = df.select(instruction.alias("instruction")).schema[0].dataType
+        if not isinstance(dtype, StringType):
+            raise ValueError(f"the instruction column has type {dtype.simpleString()}, not string; cast it first")
+        return instruction
+    if isinstance(instruction, str) and instruction.strip():
+        return F.lit(instruction)
+    raise ValueError("instruction must be a non-empty string or a string Column")
+
+
+def task_gpu_index() -> int | None:
+    """The GPU Spark assigned to this task, or None (local mode, CPU executors)."""
+    from pyspark import TaskContext
+
+    context = TaskContext.get()
+    gpus = context.resources().get("gpu") if context is not None else None
+    if gpus is None or not gpus.addresses:
+        return None
+    return int(gpus.addresses[0])
+
+
+def results_frame(results, spec: ModelSpec) -> pd.DataFrame:
+    """The engine's results as a pandas frame shaped like RESULT_SCHEMA."""
+    frame = pd.DataFrame(
+        {
+            "response": [r.response for r in results],
+            "finish_reason": [r.finish_reason for r in results],
+            "error": [r.error for r in results],
+            "prompt_tokens": pd.array([r.prompt_tokens for r in results], dtype="int32"),
+            "completion_tokens": pd.array([r.completion_tokens for r in results], dtype="int32"),
+            "truncated": [bool(r.truncated) for r in results],
+        }
+    )
+    frame["model_name"] = spec.name
+    frame["model_version"] = spec.version
+    return frame
+
+
+def instruction_udf(spec: ModelSpec, settings, cache_root: str, require_input: bool = False):
+    """The pandas UDF (instruction, context, key) -> result struct for one resolved model.
+    With ``require_input`` a row with a null or blank input gets an error result."""
+
+    @pandas_udf(RESULT_SCHEMA)
+    def generate(batches: Iterator[tuple[pd.Series, pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
+        from dolly_spark.models import load_engine
+
+        engine = load_engine(spec, settings, task_gpu_index(), cache_root)
+        for instructions, contexts, keys in batches:
+            results = engine.run(instructions.tolist(), contexts.tolist(), keys.tolist(), require_context=require_input)
+            yield results_frame(results, spec)
+
+    return generate

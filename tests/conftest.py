@@ -1,0 +1,131 @@
+"""Shared fixtures: one local Spark session with Delta, a temporary MLflow registry per module,
+and tiny models built in seconds without network."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dolly15k_sample.jsonl"
+PACKAGE_TICKETS = Path(__file__).resolve().parents[1] / "dolly_spark" / "data" / "sample_tickets.jsonl"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end tests that take more than a few seconds")
+
+
+@pytest.fixture(scope="session")
+def project_home(tmp_path_factory) -> Path:
+    """One project home for the whole session: the Spark warehouse, metastore and model cache."""
+    home = tmp_path_factory.mktemp("dolly_spark_home")
+    os.environ["DOLLY_SPARK_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    return home
+
+
+@pytest.fixture(scope="session")
+def spark(project_home):
+    """The session's Spark with Delta: local[2], UI off, 2 shuffle partitions, UTC. Never stopped
+    between tests."""
+    from dolly_spark.tables import get_spark
+
+    session = get_spark(
+        app_name="dolly_spark-tests",
+        master="local[2]",
+        shuffle_partitions=2,
+        ui=False,
+        extra_conf={"spark.sql.session.timeZone": "UTC", "spark.default.parallelism": "2"},
+    )
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="module")
+def mlflow_registry(tmp_path_factory, project_home):
+    """A fresh MLflow tracking server and model registry (SQLite) for one test module."""
+    import mlflow
+
+    directory = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{directory / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    experiment = mlflow.create_experiment("tests", artifact_location=(directory / "artifacts").as_uri())
+    mlflow.set_experiment(experiment_id=experiment)
+    yield uri
+    mlflow.end_run()
+
+
+def tokenizer_corpus() -> list[str]:
+    texts = []
+    for source in (SHARED_DATA, PACKAGE_TICKETS):
+        if source.exists():
+            for line in source.read_text(encoding="utf-8").splitlines():
+                texts.extend(str(value) for value in json.loads(line).values())
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny GPT-NeoX checkpoint with a tokenizer trained on the spot (Dolly tokens added)."""
+    from dolly_spark.testing import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"), tokenizer_corpus())
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    """(model, tokenizer) loaded from the tiny checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def registered_tiny(mlflow_registry, tiny_model):
+    """The tiny model registered as version 1 of "tiny_dolly" with alias champion."""
+    from dolly_spark.registry import CHAMPION, log_and_register
+
+    model, tokenizer = tiny_model
+    version = log_and_register(model, tokenizer, "tiny_dolly", "dolly", alias=CHAMPION, max_new_tokens=16)
+    return "tiny_dolly", version
+
+
+# Examples a tiny model is taught by heart, so tests can check exact answers and stop reasons.
+TAUGHT = {
+    "stop": ("Name the blue fruit.", None, "blueberry pie", "end"),
+    "eos": ("Say the secret word.", None, "open sesame", "eos"),
+    "long": ("Count for me.", None, "one two three four five six seven eight nine ten eleven twelve", "end"),
+    "quoted": ("Repeat the code.", "The template says ### End and ### Response:\n here.", "code red", "end"),
+}
+
+
+@pytest.fixture(scope="session")
+def taught_model(tiny_model_dir):
+    """A tiny model trained by heart on TAUGHT (a plain loop, seconds on the CPU): each answer
+    ends with the ``### End`` key or with EOS, as its entry says."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dolly_spark.prompts import encode_segments, get_format
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    fmt = get_format("dolly")
+    sequences = []
+    for instruction, context, response, ending in TAUGHT.values():
+        ids = encode_segments(tokenizer, fmt.prompt_segments(instruction, context))
+        ids += tokenizer(f"{response}\n\n", add_special_tokens=False)["input_ids"]
+        ids.append(tokenizer.convert_tokens_to_ids("### End") if ending == "end" else tokenizer.eos_token_id)
+        sequences.append(torch.tensor([ids]))
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(60):
+        for ids in sequences:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return model.eval(), tokenizer

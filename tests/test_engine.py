@@ -1,0 +1,182 @@
+"""The instruction engine on tiny models: batching, stopping, parsing and bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TAUGHT
+from dolly_spark.engine import GenerationSettings, InstructionEngine
+
+LENGTHS_INSTRUCTIONS = [
+    "Hi.",
+    "Summarize the following ticket for the support lead, naming the product and the customer's mood.",
+    "What went wrong?",
+    "Explain " + "the billing problem in detail " * 12,
+    "Why?",
+    "List the steps.",
+]
+LENGTHS_CONTEXTS = [None, "My thermostat resets every night " * 20, "", None, "Short.", "Step one. " * 40]
+
+
+def engine_for(model_and_tokenizer, **settings) -> InstructionEngine:
+    model, tokenizer = model_and_tokenizer
+    return InstructionEngine(model, tokenizer, "dolly", GenerationSettings(**settings))
+
+
+def taught_rows(*names):
+    rows = [TAUGHT[name] for name in names]
+    return [r[0] for r in rows], [r[1] for r in rows]
+
+
+def test_batched_greedy_equals_one_row_at_a_time(tiny_model):
+    engine = engine_for(tiny_model, max_new_tokens=12, token_budget=100_000)
+    batched = engine.run(LENGTHS_INSTRUCTIONS, LENGTHS_CONTEXTS)
+    assert len(engine.stats.micro_batches) == 1  # everything went through one left-padded batch
+    single = [engine.run([i], [c])[0] for i, c in zip(LENGTHS_INSTRUCTIONS, LENGTHS_CONTEXTS)]
+    assert [r.response for r in batched] == [r.response for r in single]
+    assert [r.prompt_tokens for r in batched] == [r.prompt_tokens for r in single]
+    assert len({r.prompt_tokens for r in batched}) == len(batched)  # lengths differ widely
+
+
+def test_order_is_restored_and_micro_batches_fit_the_budget(tiny_model):
+    budget = 700
+    engine = engine_for(tiny_model, max_new_tokens=8, token_budget=budget)
+    results = engine.run(LENGTHS_INSTRUCTIONS, LENGTHS_CONTEXTS)
+    reference = engine_for(tiny_model, max_new_tokens=8, token_budget=100_000)
+    expected = [reference.run([i], [c])[0] for i, c in zip(LENGTHS_INSTRUCTIONS, LENGTHS_CONTEXTS)]
+    assert [r.response for r in results] == [r.response for r in expected]
+    assert len(engine.stats.micro_batches) > 1
+    for rows, padded in engine.stats.micro_batches:
+        assert rows == 1 or rows * (padded + 8) <= budget
+    assert sum(rows for rows, _ in engine.stats.micro_batches) == len(LENGTHS_INSTRUCTIONS)
+
+
+def test_finish_reasons_stop_eos_and_length(taught_model):
+    engine = engine_for(taught_model, max_new_tokens=40)
+    stop, eos, long_ = engine.run(*taught_rows("stop", "eos", "long"))
+    assert (stop.response, stop.finish_reason, stop.error) == ("blueberry pie", "stop", None)
+    assert "### End" not in stop.response
+    assert (eos.response, eos.finish_reason) == ("open sesame", "eos")
+    short = engine_for(taught_model, max_new_tokens=3).run(*taught_rows("long"))[0]
+    assert short.finish_reason == "length" and short.completion_tokens == 3
+    assert (long_.response, long_.finish_reason) == (TAUGHT["long"][2], "stop")
+    assert stop.completion_tokens == len(taught_model[1]("blueberry pie\n\n")["input_ids"]) + 1
+
+
+def test_quoted_keys_in_context_neither_stop_nor_corrupt(taught_model):
+    engine = engine_for(taught_model, max_new_tokens=20)
+    instructions, contexts = taught_rows("quoted", "stop")
+    quoted, other = engine.run(instructions, contexts)
+    assert (quoted.response, quoted.finish_reason) == ("code red", "stop")
+    assert other.response == "blueberry pie"
+
+
+def test_bad_input_gets_errors_and_spares_the_batch(taught_model):
+    engine = engine_for(taught_model, max_new_tokens=20)
+    window = taught_model[0].config.max_position_embeddings
+    huge = "word " * 40_000  # 200,000 characters
+    instructions = [TAUGHT["stop"][0], None, "", "   ", "Summarize.", TAUGHT["eos"][0], "Answer."]
+    contexts = [None, "ctx", None, None, huge, "", None]
+    results = engine.run(instructions, contexts)
+    assert results[0].response == "blueberry pie"
+    assert results[5].response == "open sesame"  # an empty context means no Input block
+    for index, word in [(1, "null"), (2, "empty"), (3, "empty")]:
+        assert results[index].finish_reason == "error" and word in results[index].error
+        assert results[index].response is None
+    assert results[4].truncated and results[4].error is None
+    assert results[4].prompt_tokens <= window - 20
+    assert not any(results[i].truncated for i in (0, 5, 6))
+
+
+def test_overlong_can_be_an_error_instead(taught_model):
+    engine = engine_for(taught_model, max_new_tokens=20, on_overlong="error")
+    result = engine.run(["Summarize."], ["word " * 2000])[0]
+    assert result.finish_reason == "error" and "over the" in result.error and not result.truncated
+
+
+def test_instruction_alone_too_long_is_an_error(tiny_model):
+    result = engine_for(tiny_model, max_new_tokens=8).run(["please " * 2000])[0]
+    assert result.finish_reason == "error" and "instruction alone" in result.error
+
+
+def test_empty_answer_is_flagged(taught_model):
+    model, tokenizer = taught_model
+    engine = engine_for(taught_model, max_new_tokens=5)
+    end_id = tokenizer.convert_tokens_to_ids("### End")
+    original = model.generate
+
+    def answer_with_end_at_once(**kwargs):
+        output = original(**kwargs)
+        prompt_length = kwargs["input_ids"].shape[1]
+        output[:, prompt_length] = end_id
+        return output
+
+    engine.model.generate = answer_with_end_at_once
+    try:
+        result = engine.run(["Anything."])[0]
+    finally:
+        del engine.model.generate
+    assert result.response is None and result.finish_reason == "stop" and "empty response" in result.error
+
+
+def test_sampling_is_seeded_per_row_key(tiny_model):
+    engine = engine_for(tiny_model, max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.95)
+    alone = engine.run(["Tell me a story."], keys=["ticket-7"])[0]
+    in_batch = engine.run(["Hi.", "Tell me a story.", LENGTHS_INSTRUCTIONS[3]], keys=["a", "ticket-7", "b"])[1]
+    assert alone.response == in_batch.response
+    others = {engine.run(["Tell me a story."], keys=[f"k{n}"])[0].response for n in range(4)}
+    assert len(others) > 1
+
+
+def test_out_of_memory_splits_the_batch(tiny_model):
+    engine = engine_for(tiny_model, max_new_tokens=6, token_budget=100_000)
+    expected = engine.run(LENGTHS_INSTRUCTIONS, LENGTHS_CONTEXTS)
+    original = engine.model.generate
+    poison_length = expected[3].prompt_tokens
+
+    def generate_on_a_small_gpu(**kwargs):
+        input_ids = kwargs["input_ids"]
+        if input_ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if bool((kwargs["attention_mask"].sum(dim=1) == poison_length).any()):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return original(**kwargs)
+
+    engine.model.generate = generate_on_a_small_gpu
+    try:
+        results = engine.run(LENGTHS_INSTRUCTIONS, LENGTHS_CONTEXTS)
+    finally:
+        del engine.model.generate
+    assert results[3].finish_reason == "error" and "OutOfMemoryError" in results[3].error
+    survivors = [i for i in range(len(expected)) if i != 3]
+    assert [results[i].response for i in survivors] == [expected[i].response for i in survivors]
+
+
+def test_continuous_batching_falls_back_where_unsupported(tiny_model):
+    static = engine_for(tiny_model, max_new_tokens=8).run(LENGTHS_INSTRUCTIONS[:3], LENGTHS_CONTEXTS[:3])
+    engine = engine_for(tiny_model, max_new_tokens=8, strategy="continuous")
+    results = engine.run(LENGTHS_INSTRUCTIONS[:3], LENGTHS_CONTEXTS[:3])
+    assert [r.response for r in results] == [r.response for r in static]
+
+
+def test_continuous_batching_matches_static_on_llama(tiny_model):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer = tiny_model
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    llama = (LlamaForCausalLM(config).eval(), tokenizer)
+    static = engine_for(llama, max_new_tokens=8).run(LENGTHS_INSTRUCTIONS[:4], LENGTHS_CONTEXTS[:4])
+    continuous = engine_for(llama, max_new_tokens=8, strategy="continuous")
+    results = continuous.run(LENGTHS_INSTRUCTIONS[:4], LENGTHS_CONTEXTS[:4])
+    assert continuous._strategy == "continuous"
+    assert [r.response for r in results] == [r.response for r in static]
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="on_overlong"):
+        GenerationSettings(on_overlong="ignore")
+    with pytest.raises(ValueError, match="strategy"):
+        GenerationSettings(strategy="magic")
