@@ -384,8 +384,9 @@ class InstructionEngine:
     def _generate_continuous(self, batch: list[_Prepared]) -> list[list[int]]:
         config = self._generation_config()
         with torch.inference_mode():
+            # Warm-up captures CUDA graphs; on the CPU it only costs time.
             outputs = self.model.generate_batch(inputs=[row.ids for row in batch], generation_config=config,
-                                                progress_bar=False)
+                                                progress_bar=False, warmup=self.device.type == "cuda")
         ordered = sorted(outputs.values(), key=lambda out: int(str(out.request_id).rsplit("_", 1)[-1]))
         failed = [out.error for out in ordered if out.error is not None]
         if failed or len(ordered) != len(batch):

@@ -41,9 +41,13 @@ class ModelSpec:
 
     @property
     def cache_key(self) -> str:
-        """A directory name unique to this model version."""
-        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.name}-{self.version}")
-        return safe.strip("_")
+        """A directory name unique to this model version in its registry (two registries may
+        both hold a version 1 of the same name)."""
+        import hashlib
+
+        origin = hashlib.sha256(f"{self.registry_uri}|{self.uri}".encode()).hexdigest()[:10]
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.name}-{self.version}").strip("_")
+        return f"{safe}-{origin}"
 
 
 class ModelNotFoundError(ValueError):
