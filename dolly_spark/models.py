@@ -44,6 +44,7 @@ def fetch_model_files(spec: ModelSpec, cache_root: str | None = None) -> str:
     with FileLock(str(target.with_name("download.lock"))):
         if target.exists():  # another worker finished the download while we waited
             return str(target)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         import mlflow
 
         if spec.tracking_uri:

@@ -55,6 +55,9 @@ def get_spark(
         "spark.ui.enabled": "true" if ui else "false",
         "spark.pyspark.python": sys.executable,
         "spark.python.worker.reuse": "true",
+        # Delta replays its log over 50 partitions by default: far too many for one machine.
+        "spark.databricks.delta.snapshotPartitions": "2",
+        "spark.ui.showConsoleProgress": "false",
     }
     conf.update(extra_conf or {})
     builder = SparkSession.builder.appName(app_name).master(

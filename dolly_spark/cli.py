@@ -1,0 +1,87 @@
+"""The ``dolly-spark`` command and the jobs' entry points: parse arguments, call one library function.
+
+    dolly-spark summarize --config conf/summarize_tickets.yaml [--source-table ... ]
+    dolly-spark finetune  --config conf/finetune.yaml [--base-model ... --train-data ...]
+    dolly-spark evaluate  --config conf/evaluate_and_promote.yaml
+    dolly-spark demo      the summarize job on the embedded default, with a preview
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Sequence
+
+from dolly_spark.config import load_config
+
+DEMO_CONFIG_OVERRIDES = {"max_new_tokens": 48}
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("py4j", "urllib3", "alembic", "mlflow.store", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def summarize_main(argv: Sequence[str] | None = None) -> int:
+    """spark-submit jobs/summarize_tickets.py: summarize new tickets into the target table."""
+    from dolly_spark.summarize import SummarizeConfig, run_summarize
+    from dolly_spark.tables import get_spark
+    from dolly_spark.tracking import configure_mlflow
+
+    config = load_config(SummarizeConfig, argv, "summarize_tickets",
+                         "Summarize support tickets from a Delta table into another, incrementally.")
+    _setup_logging()
+    configure_mlflow(config.experiment)
+    report = run_summarize(get_spark("summarize_tickets"), config)
+    print(_report_line(report))
+    return 0
+
+
+def _report_line(report) -> str:
+    return (f"{report.rows_written} tickets summarized with {report.model_name} v{report.model_version} "
+            f"({report.errors} errors, {report.generated_tokens} tokens, {report.tokens_per_second:.1f} tokens/s, "
+            f"{report.wall_seconds:.1f}s)")
+
+
+def demo_main(argv: Sequence[str] | None = None) -> int:
+    """The main job on the embedded default: local Spark and Delta, the local registry, the demo model."""
+    from dolly_spark.demo import ensure_demo_model_registered, ensure_sample_tickets_table
+    from dolly_spark.summarize import SummarizeConfig, preview, run_summarize
+    from dolly_spark.tables import get_spark
+    from dolly_spark.tracking import configure_mlflow
+
+    started = time.perf_counter()
+    config = load_config(SummarizeConfig, argv, "dolly-spark demo",
+                         "Summarize the sample tickets with the demo model, all local.")
+    if argv is None or "--max-new-tokens" not in argv:
+        config.max_new_tokens = DEMO_CONFIG_OVERRIDES["max_new_tokens"]
+    _setup_logging()
+    configure_mlflow(config.experiment)
+    spark = get_spark("dolly_spark-demo")
+    ensure_sample_tickets_table(spark, config.source_table)
+    name = config.model_uri.removeprefix("models:/").split("@")[0].split("/")[0]
+    ensure_demo_model_registered(name)
+    report = run_summarize(spark, config)
+    print("\n" + _report_line(report))
+    print(f"\n{config.target_table} (first rows):\n{preview(spark, config)}")
+    print(f"\ndemo finished in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+COMMANDS = {
+    "summarize": summarize_main,
+    "demo": demo_main,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

