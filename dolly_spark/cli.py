@@ -69,8 +69,44 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def finetune_main(argv: Sequence[str] | None = None) -> int:
+    """spark-submit jobs/finetune.py: fine-tune, register a new version, alias it challenger."""
+    from dolly_spark.tracking import configure_mlflow
+    from dolly_spark.training.finetune import FinetuneConfig, run_finetune
+
+    config = load_config(FinetuneConfig, argv, "finetune",
+                         "Fine-tune an instruction model Dolly-style and register it as a new version.")
+    _setup_logging()
+    configure_mlflow(config.experiment)
+    report = run_finetune(config)
+    print(f"registered {report.model_name} version {report.version} as @{config.alias} "
+          f"({report.train_records} train / {report.eval_records} eval examples, skipped {report.skipped}, "
+          f"{report.train_seconds:.1f}s training)")
+    headline = [f"{stage}_{name}" for stage in ("before", "after") for name in ("eval_loss", "rouge_l", "exact_match")]
+    print(", ".join(f"{key}={report.metrics[key]:.4f}" for key in headline + ["train_loss"] if key in report.metrics))
+    return 0
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    """spark-submit jobs/evaluate_and_promote.py: score challenger vs champion, promote on a win."""
+    from dolly_spark.tracking import configure_mlflow
+    from dolly_spark.training.evaluate import EvaluateConfig, run_evaluate_and_promote
+
+    config = load_config(EvaluateConfig, argv, "evaluate_and_promote",
+                         "Evaluate the challenger against the champion and promote it when it wins.")
+    _setup_logging()
+    configure_mlflow(config.experiment)
+    report = run_evaluate_and_promote(config)
+    champion = f"v{report.champion_version} {config.metric}={report.champion_score:.4f}" if report.champion_score is not None else "none"
+    print(f"challenger v{report.challenger_version} {config.metric}={report.challenger_score:.4f}, champion {champion}: "
+          f"{'promoted' if report.promoted else 'not promoted'}")
+    return 0
+
+
 COMMANDS = {
     "summarize": summarize_main,
+    "finetune": finetune_main,
+    "evaluate": evaluate_main,
     "demo": demo_main,
 }
 

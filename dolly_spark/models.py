@@ -74,6 +74,11 @@ def checkpoint_paths(model_dir: str) -> tuple[str, str]:
     return model_dir, model_dir
 
 
+def local_model_paths(spec: ModelSpec, cache_root: str | None = None) -> tuple[str, str]:
+    """(model path, tokenizer path) of ``spec`` on this node, fetched into the cache if needed."""
+    return checkpoint_paths(fetch_model_files(spec, cache_root))
+
+
 def load_engine(spec: ModelSpec, settings, gpu_index: int | None = None, cache_root: str | None = None):
     """The InstructionEngine for ``spec``, loaded at most once per process and reused after."""
     from dolly_spark.engine import InstructionEngine
@@ -83,7 +88,7 @@ def load_engine(spec: ModelSpec, settings, gpu_index: int | None = None, cache_r
         engine = _engines.get(key)
         if engine is None:
             started = time.perf_counter()
-            model_path, tokenizer_path = checkpoint_paths(fetch_model_files(spec, cache_root))
+            model_path, tokenizer_path = local_model_paths(spec, cache_root)
             engine = InstructionEngine.from_pretrained(
                 model_path, spec.prompt_format, settings, gpu_index=gpu_index, tokenizer_path=tokenizer_path
             )

@@ -42,6 +42,7 @@ def apply_instruction(
     input_col: str | None = None,
     output_col: str = "response",
     key_col: str | None = None,
+    require_input: bool = True,
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -59,7 +60,9 @@ def apply_instruction(
     ``completion_tokens``, ``truncated``, ``model_name`` and ``model_version``.
 
     ``instruction`` is one string for every row or a string Column (one instruction per row);
-    ``input_col`` holds each row's context (the ``Input:`` of the Dolly prompt). ``model_uri`` is
+    ``input_col`` holds each row's context (the ``Input:`` of the Dolly prompt); a row whose input
+    is null or blank gets an error, unless ``require_input=False`` (dolly-15k style data, where
+    an empty context means none). ``model_uri`` is
     ``models:/name/3``, ``models:/name@champion``, ``models:/<model id>``, a local checkpoint or
     a hub id; a registry URI is resolved to one version here, on the driver, before anything
     runs. The prompt format comes from the registered model's metadata unless
@@ -88,7 +91,7 @@ def apply_instruction(
     if arrow_batch_size:
         # Session-wide by Spark's design: it is read when the action runs.
         df.sparkSession.conf.set(ARROW_BATCH_CONF, str(arrow_batch_size))
-    generate = instruction_udf(spec, settings, str(model_cache_dir()), require_input=input_col is not None)
+    generate = instruction_udf(spec, settings, str(model_cache_dir()), require_input=bool(input_col) and require_input)
     context = F.col(input_col) if input_col else F.lit(None).cast("string")
     key = F.col(key_col).cast("string") if key_col else F.lit(None).cast("string")
     return df.withColumn(output_col, generate(instruction_column, context, key))

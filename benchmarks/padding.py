@@ -1,0 +1,64 @@
+"""Padding waste of apply_instruction, recomputed on the driver from its result struct.
+
+The engines that did the work live in the Spark Python workers, and their EngineStats never
+reach the driver. What does reach it is enough to recompute them exactly: each row's partition,
+prompt_tokens, completion_tokens and finish_reason. The rows of a partition reach the engine in
+Arrow batches of ``spark.sql.execution.arrow.maxRecordsPerBatch`` rows, one ``engine.run`` each;
+the engine's own ``micro_batches`` (called here, not copied, so the replay cannot drift from it)
+cuts each run into micro-batches; a micro-batch pads every prompt to its longest and decodes
+until its slowest row stops, which is its largest completion_tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Iterable, Sequence
+
+from dolly_spark.engine import FINISH_ERROR, EngineStats, GenerationSettings, InstructionEngine, _Prepared
+
+
+@dataclass(frozen=True)
+class RowTokens:
+    """What the driver knows about one generated row."""
+
+    partition: int
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+def replay_stats(rows: Sequence[RowTokens], settings: GenerationSettings, arrow_batch_rows: int) -> EngineStats:
+    """EngineStats as the workers' engines counted them, for ``rows`` in collected order
+    (Spark's collect keeps partition order and the row order within each partition)."""
+    stats = EngineStats()
+    planner = SimpleNamespace(settings=settings)  # micro_batches reads only the settings
+    by_partition: dict[int, list[RowTokens]] = {}
+    for row in rows:
+        by_partition.setdefault(row.partition, []).append(row)
+    for partition_rows in by_partition.values():
+        for start in range(0, len(partition_rows), arrow_batch_rows):
+            _replay_run(partition_rows[start:start + arrow_batch_rows], planner, stats)
+    return stats
+
+
+def _replay_run(run_rows: Sequence[RowTokens], planner: SimpleNamespace, stats: EngineStats) -> None:
+    stats.rows += len(run_rows)
+    # Rows refused before generation (null input, over-long prompt) answer with an error and no
+    # completion; they never enter a micro-batch.
+    generated = [row for row in run_rows if not (row.finish_reason == FINISH_ERROR and row.completion_tokens == 0)]
+    prepared = [_Prepared(index, [0] * row.prompt_tokens, False, 0) for index, row in enumerate(generated)]
+    for batch in InstructionEngine.micro_batches(planner, prepared):  # type: ignore[arg-type]
+        members = [generated[item.index] for item in batch]
+        longest = max(row.prompt_tokens for row in members)
+        steps = max(row.completion_tokens for row in members)
+        stats.micro_batches.append((len(members), longest))
+        stats.padded_prompt_tokens += len(members) * longest
+        stats.generated_slots += len(members) * steps
+        stats.prompt_tokens += sum(row.prompt_tokens for row in members)
+        stats.completion_tokens += sum(row.completion_tokens for row in members)
+
+
+def single_run_rows(results: Iterable, partition: int = 0) -> list[RowTokens]:
+    """RowTokens for results of one ``engine.run`` (the bare engine), to check the replay
+    against the engine's real stats."""
+    return [RowTokens(partition, r.prompt_tokens, r.completion_tokens, r.finish_reason) for r in results]

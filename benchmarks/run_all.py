@@ -1,0 +1,181 @@
+"""python -m benchmarks.run_all [--rows 32] [--max-new-tokens 32] [--models tiny,demo] [--seed 0]
+
+Side-by-side throughput of one registered model over the same rows, in one Spark session
+(local[2], UI off): (a) apply_instruction, (b) mlflow.pyfunc.spark_udf, (c) a hand-written
+per-row pipeline UDF, (d) the bare engine in the driver. Writes a markdown table to stdout and
+benchmarks/results/latest.md, and the figures to benchmarks/results/latest.json. See
+benchmarks/README.md for what each figure means.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+PARTITIONS = 2  # one per core of local[2]
+
+log = logging.getLogger("benchmarks")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--rows", type=int, default=32, help="tickets per model")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per row, at most (greedy)")
+    parser.add_argument("--models", default="tiny,demo", help="comma-separated: tiny, demo")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the workload and of the tiny model")
+    parser.add_argument("--warmup-rows", type=int, default=4, help="rows each variant runs before its timed run")
+    parser.add_argument("--token-budget", type=int, default=16384,
+                        help="engine micro-batch token budget, for (a) and (d) (the package default)")
+    parser.add_argument("--max-batch-rows", type=int, default=64, help="engine micro-batch row cap, for (a) and (d)")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where latest.md and latest.json go")
+    args = parser.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.rows < PARTITIONS or args.warmup_rows < PARTITIONS:
+        parser.error(f"--rows and --warmup-rows must be at least {PARTITIONS}, one per partition")
+    return args
+
+
+def start_spark():
+    """The benchmark's one Spark session: local[2], UI off, its metastore and warehouse under the
+    benchmark's home so it never contends with the demo's Derby metastore."""
+    from benchmarks.bench_models import bench_home
+    from dolly_spark.tables import get_spark
+
+    # Workers unpickle the per-row UDF by importing benchmarks.per_row_pipeline; Spark passes
+    # the JVM's PYTHONPATH on to them, so the repository must be on it before the JVM starts.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    home = bench_home()
+    return get_spark(
+        app_name="dolly_spark-bench", master=f"local[{PARTITIONS}]", ui=False, shuffle_partitions=PARTITIONS,
+        extra_conf={
+            "spark.default.parallelism": str(PARTITIONS),
+            "spark.sql.session.timeZone": "UTC",
+            "spark.sql.warehouse.dir": str(home / "warehouse"),
+            "spark.hadoop.javax.jdo.option.ConnectionURL": f"jdbc:derby:;databaseName={home / 'metastore_db'};create=true",
+        },
+    )
+
+
+def build_rows(spark, tickets: list[tuple[str, str]], warm: list[tuple[str, str]], engine, template):
+    """The same tickets as lists (for the engine) and as a cached 2-partition DataFrame with the
+    engine's prompt text and MLflow's input text per row (for the Spark variants)."""
+    from benchmarks.bench_models import mlflow_input_for
+    from benchmarks.variants import BenchRows
+    from benchmarks.workload import INSTRUCTION
+
+    def frame(items: list[tuple[str, str]]):
+        data = []
+        for ticket_id, body in items:
+            prompt = engine.format.prompt(INSTRUCTION, body)
+            data.append((ticket_id, body, prompt, mlflow_input_for(prompt, template)))
+        df = spark.createDataFrame(data, "ticket_id string, body string, prompt string, mlflow_input string")
+        df = df.repartition(PARTITIONS).cache()
+        df.count()  # materialise, so no variant pays for the shuffle
+        return df, [p for _, _, p, _ in data]
+
+    df, prompts = frame(tickets)
+    warm_df, _ = frame(warm)
+    return BenchRows([b for _, b in tickets], prompts, df, [b for _, b in warm], warm_df)
+
+
+def run_model(spark, key: str, args: argparse.Namespace, machine: dict[str, Any], ledger_dir: str) -> dict[str, Any]:
+    """All four variants of one model on the same registered version and the same rows."""
+    from benchmarks import variants
+    from benchmarks.bench_models import parameter_counts, prepare_model
+    from benchmarks.report import model_entry
+    from benchmarks.workload import generate_tickets
+    from dolly_spark.engine import GenerationSettings, InstructionEngine
+    from dolly_spark.tables import ARROW_BATCH_CONF
+
+    bench = prepare_model(key, args.seed)
+    log.info("%s: %s (format %s)", key, bench.uri, bench.prompt_format)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, token_budget=args.token_budget,
+                                  max_batch_rows=args.max_batch_rows)
+    # The driver's engine: variant (d), and the tokenizer and prompt format every variant shares.
+    engine = InstructionEngine.from_pretrained(bench.model_path, bench.spec.prompt_format, settings,
+                                               tokenizer_path=bench.tokenizer_path)
+    greedy = not getattr(engine.model.generation_config, "do_sample", False)
+    tickets = generate_tickets(args.rows, args.seed)
+    warm = generate_tickets(args.warmup_rows, args.seed + 1)
+    rows = build_rows(spark, tickets, warm, engine, bench.prompt_template)
+    arrow_batch_rows = int(spark.conf.get(ARROW_BATCH_CONF))
+
+    results = {}
+    log.info("%s: (a) apply_instruction", key)
+    results[variants.APPLY] = variants.run_apply_instruction(bench, rows, settings, arrow_batch_rows)
+    log.info("%s: (b) mlflow.pyfunc.spark_udf", key)
+    results[variants.MLFLOW] = variants.run_mlflow_spark_udf(spark, bench, rows, args.max_new_tokens, engine.tokenizer)
+    log.info("%s: (c) per-row pipeline UDF", key)
+    ledger = os.path.join(ledger_dir, f"{key}-pipeline-loads.log")
+    results[variants.PIPELINE] = variants.run_per_row_pipeline(bench, rows, args.max_new_tokens, ledger)
+    variants.reconcile_mlflow_counts(results[variants.MLFLOW], results[variants.PIPELINE], engine.tokenizer)
+    log.info("%s: (d) bare engine", key)
+    results[variants.ENGINE] = variants.run_bare_engine(engine, rows, arrow_batch_rows)
+
+    prompt_lengths = [len(engine.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in rows.prompts]
+    meta = {
+        "model": key, "model_uri": bench.uri, "registered_name": bench.spec.name, "version": bench.spec.version,
+        "prompt_format": bench.prompt_format, "rows": args.rows, "partitions": PARTITIONS,
+        "max_new_tokens": args.max_new_tokens, "greedy_generation_config": greedy,
+        "parameters": parameter_counts(engine.model),
+        "prompt_tokens": {"min": min(prompt_lengths), "max": max(prompt_lengths),
+                          "mean": statistics.mean(prompt_lengths)},
+    }
+    rows.df.unpersist()
+    rows.warm_df.unpersist()
+    del engine
+    gc.collect()
+    return model_entry(meta, results, machine)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log.setLevel(logging.INFO)
+    started = time.perf_counter()
+
+    from benchmarks.bench_models import configure_bench_mlflow, describe_registry
+    from benchmarks.machine import measure_machine
+    from benchmarks.report import markdown, write_reports
+    from benchmarks.variants import probe_worker_threads
+
+    # Measured first, before the JVM and the models are up, so nothing else competes with it.
+    log.info("measuring the matmul peak")
+    machine = measure_machine()
+    configure_bench_mlflow()
+    spark = start_spark()
+    machine["spark_workers"] = probe_worker_threads(spark, PARTITIONS)
+    entries = []
+    with tempfile.TemporaryDirectory(prefix="dolly-bench-") as ledger_dir:
+        for key in args.models:
+            entries.append(run_model(spark, key, args, machine, ledger_dir))
+    report = {
+        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": time.perf_counter() - started,
+        "spark_master": spark.sparkContext.master,
+        "settings": {"rows": args.rows, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+                     "warmup_rows": args.warmup_rows, "token_budget": args.token_budget,
+                     "max_batch_rows": args.max_batch_rows, "models": args.models},
+        "registry": describe_registry(),
+        "machine": machine,
+        "models": entries,
+    }
+    md_path, json_path = write_reports(report, args.out_dir)
+    print(markdown(report))
+    print(f"\nwrote {md_path} and {json_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""The four ways of running one model over the same rows, each timed the same way.
+
+(a) ``apply_instruction``     dolly_spark's pandas UDF: the engine batches each Arrow batch.
+(b) ``mlflow_spark_udf``      mlflow.pyfunc.spark_udf on the registered model (the official route).
+(c) ``per_row_pipeline``      a hand-written pandas UDF, one transformers pipeline call per row.
+(d) ``engine``                InstructionEngine in the driver, no Spark.
+
+Load time is kept out of throughput the same way for every variant: each Spark variant first runs
+on a few warm-up rows, in as many partitions as the timed run, so each of the two Python workers
+has loaded its model (workers are reused, so they keep it); then the timed run is the action on
+the full DataFrame only (plans are built before the clock starts). The bare engine is loaded
+before its clock starts and warmed up on the same warm-up rows. Warm-up seconds are reported too:
+they are mostly model loading.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from benchmarks.bench_models import BenchModel
+from benchmarks.padding import RowTokens, replay_stats, single_run_rows
+from benchmarks.per_row_pipeline import count_loads, per_row_pipeline_udf
+from benchmarks.workload import INSTRUCTION
+from dolly_spark.engine import EngineStats, GenerationSettings, InstructionEngine
+
+APPLY, MLFLOW, PIPELINE, ENGINE = "apply_instruction", "mlflow_spark_udf", "per_row_pipeline", "engine"
+VARIANTS = (APPLY, MLFLOW, PIPELINE, ENGINE)
+
+
+@dataclass
+class BenchRows:
+    """One model's rows in every shape the variants take: the same tickets, the same prompts."""
+
+    bodies: list[str]
+    prompts: list[str]  # the engine's prompt text for each row
+    df: DataFrame  # ticket_id, body, prompt, mlflow_input; cached, in the timed partition count
+    warm_bodies: list[str]
+    warm_df: DataFrame
+
+
+@dataclass
+class VariantResult:
+    """One variant's timed run."""
+
+    variant: str
+    rows: int
+    seconds: float
+    prompt_tokens: int
+    generated_tokens: int
+    token_counts_from: str  # "engine", "pipeline token ids", or how re-tokenized text was used
+    warmup_seconds: float
+    loads_warmup: int | None  # model loads during the warm-up, where they can be counted
+    loads_timed: int | None  # ... and during the timed run (0 is the point of the warm-up)
+    padding_waste: float | None = None
+    error_rows: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+    # ticket_id -> (generated text, generated tokens), to compare routes; not reported
+    per_row: dict[str, tuple[str, int]] = field(default_factory=dict, repr=False)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds
+
+    @property
+    def generated_tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        figures = {k: v for k, v in asdict(self).items() if k != "per_row"}
+        return {**figures, "rows_per_second": self.rows_per_second,
+                "generated_tokens_per_second": self.generated_tokens_per_second}
+
+
+def _timed(action: Callable[[], Any]) -> tuple[Any, float]:
+    started = time.perf_counter()
+    value = action()
+    return value, time.perf_counter() - started
+
+
+# --------------------------------------------------------------------------------------------
+def run_apply_instruction(bench: BenchModel, rows: BenchRows, settings: GenerationSettings,
+                          arrow_batch_rows: int) -> VariantResult:
+    """(a): apply_instruction over the DataFrame; padding waste replayed from the result struct."""
+    from dolly_spark import apply_instruction
+    from dolly_spark.models import load_count
+
+    def plan(df: DataFrame) -> DataFrame:
+        out = apply_instruction(
+            df, INSTRUCTION, model_uri=bench.uri, input_col="body", max_new_tokens=settings.max_new_tokens,
+            token_budget=settings.token_budget, max_batch_rows=settings.max_batch_rows,
+        )
+        return out.select("ticket_id", F.spark_partition_id().alias("partition"), "response.*")
+
+    loads_before = load_count(bench.spec)
+    _, warm_seconds = _timed(plan(rows.warm_df).collect)
+    loads_after_warmup = load_count(bench.spec)
+    timed_plan = plan(rows.df)
+    collected, seconds = _timed(timed_plan.collect)
+    loads_after = load_count(bench.spec)
+
+    tokens = [RowTokens(r["partition"], r["prompt_tokens"], r["completion_tokens"], r["finish_reason"]) for r in collected]
+    stats = replay_stats(tokens, settings, arrow_batch_rows)
+    return VariantResult(
+        APPLY, len(collected), seconds,
+        prompt_tokens=sum(r["prompt_tokens"] for r in collected),
+        generated_tokens=sum(r["completion_tokens"] for r in collected),
+        token_counts_from="engine", warmup_seconds=warm_seconds,
+        loads_warmup=loads_after_warmup - loads_before, loads_timed=loads_after - loads_after_warmup,
+        padding_waste=stats.padding_waste, error_rows=sum(1 for r in collected if r["error"]),
+        extra={"micro_batches": stats.micro_batches, "finish_reasons": _histogram(r["finish_reason"] for r in collected),
+               "padding_waste_from": "replayed from the result struct (see benchmarks/padding.py)"},
+    )
+
+
+def run_mlflow_spark_udf(spark: SparkSession, bench: BenchModel, rows: BenchRows, max_new_tokens: int,
+                         tokenizer: Any) -> VariantResult:
+    """(b): mlflow.pyfunc.spark_udf with max_new_tokens as an inference param.
+
+    The model's signature declares ``max_new_tokens`` as a param, so it is passed per call; the
+    models' generation configs are greedy (do_sample unset), so the route is greedy as well.
+    The stored prompt template (Dolly models) wraps ``mlflow_input``; a chat model has none and
+    gets the full chat prompt, which MLflow then returns with the completion appended.
+    """
+    import mlflow
+
+    predict = mlflow.pyfunc.spark_udf(spark, bench.uri, result_type="string",
+                                      params={"max_new_tokens": max_new_tokens})
+
+    def plan(df: DataFrame) -> DataFrame:
+        return df.select("ticket_id", "prompt", predict(F.col("mlflow_input")).alias("text"))
+
+    _, warm_seconds = _timed(plan(rows.warm_df).collect)
+    timed_plan = plan(rows.df)
+    collected, seconds = _timed(timed_plan.collect)
+    completions = [_completion(r["text"], r["prompt"]) for r in collected]
+    return VariantResult(
+        MLFLOW, len(collected), seconds,
+        prompt_tokens=_count_tokens(tokenizer, [r["prompt"] for r in collected]),
+        generated_tokens=_count_tokens(tokenizer, completions), token_counts_from="re-tokenized text",
+        warmup_seconds=warm_seconds, loads_warmup=None, loads_timed=None,
+        error_rows=sum(1 for text in completions if not text.strip()),
+        extra={"params": {"max_new_tokens": max_new_tokens},
+               "prompt_template_stored": bench.prompt_template is not None},
+        per_row={r["ticket_id"]: (text, 0) for r, text in zip(collected, completions)},
+    )
+
+
+def run_per_row_pipeline(bench: BenchModel, rows: BenchRows, max_new_tokens: int, ledger_path: str) -> VariantResult:
+    """(c): the hand-written one-row-at-a-time pipeline UDF on the engine's prompt text."""
+    generate = per_row_pipeline_udf(bench.model_path, bench.tokenizer_path, max_new_tokens, ledger_path)
+
+    def plan(df: DataFrame) -> DataFrame:
+        return df.select("ticket_id", generate(F.col("prompt")).alias("out")).select("ticket_id", "out.*")
+
+    loads_before = count_loads(ledger_path)
+    _, warm_seconds = _timed(plan(rows.warm_df).collect)
+    loads_after_warmup = count_loads(ledger_path)
+    timed_plan = plan(rows.df)
+    collected, seconds = _timed(timed_plan.collect)
+    loads_after = count_loads(ledger_path)
+    with open(ledger_path, encoding="utf-8") as ledger:
+        worker_loads = [line.strip() for line in ledger if line.strip()]
+    return VariantResult(
+        PIPELINE, len(collected), seconds,
+        prompt_tokens=sum(r["prompt_tokens"] for r in collected),
+        generated_tokens=sum(r["generated_tokens"] for r in collected), token_counts_from="pipeline token ids",
+        warmup_seconds=warm_seconds, loads_warmup=loads_after_warmup - loads_before,
+        loads_timed=loads_after - loads_after_warmup,
+        error_rows=sum(1 for r in collected if not r["text"].strip()),
+        extra={"worker_loads": worker_loads},
+        per_row={r["ticket_id"]: (r["text"], r["generated_tokens"]) for r in collected},
+    )
+
+
+def reconcile_mlflow_counts(mlflow_result: VariantResult, pipeline_result: VariantResult, tokenizer: Any) -> None:
+    """Give (b) exact generated-token counts where it provably generated what (c) did.
+
+    MLflow returns text only. (b) and (c) run the same pipeline class on the same model, prompt
+    text and settings, greedy, so a row whose text is identical in both generated the same
+    tokens, and (c) counted those exactly; only rows whose texts differ are re-tokenized.
+    """
+    total, same = 0, 0
+    for key, (text, _) in mlflow_result.per_row.items():
+        reference = pipeline_result.per_row.get(key)
+        if reference is not None and reference[0] == text:
+            total += reference[1]
+            same += 1
+        else:
+            total += _count_tokens(tokenizer, [text])
+    mlflow_result.generated_tokens = total
+    # The same pipeline tokenized the same prompt text (bench_models.mlflow_input_for checks the
+    # text), so (c)'s exact prompt count is (b)'s too.
+    mlflow_result.prompt_tokens = pipeline_result.prompt_tokens
+    mlflow_result.token_counts_from = (
+        "pipeline token ids" if same == len(mlflow_result.per_row) else f"(c)'s counts for {same} rows, re-tokenized for the rest")
+    mlflow_result.extra["rows_with_same_text_as_per_row_pipeline"] = f"{same}/{len(mlflow_result.per_row)}"
+
+
+def run_bare_engine(engine: InstructionEngine, rows: BenchRows, arrow_batch_rows: int) -> VariantResult:
+    """(d): the engine in this process on all rows in one run, after a warm-up run."""
+    _, warm_seconds = _timed(lambda: engine.run([INSTRUCTION] * len(rows.warm_bodies), rows.warm_bodies,
+                                                require_context=True))
+    engine.stats = EngineStats()  # count the timed run only
+    results, seconds = _timed(lambda: engine.run([INSTRUCTION] * len(rows.bodies), rows.bodies,
+                                                 require_context=True))
+    stats = engine.stats
+    # The same replay that gives (a) its padding waste, checked here against the real counters.
+    replayed = replay_stats(single_run_rows(results), engine.settings, len(results))
+    return VariantResult(
+        ENGINE, len(results), seconds,
+        prompt_tokens=sum(r.prompt_tokens for r in results),
+        generated_tokens=sum(r.completion_tokens for r in results), token_counts_from="engine",
+        warmup_seconds=warm_seconds, loads_warmup=0, loads_timed=0,
+        padding_waste=stats.padding_waste, error_rows=sum(1 for r in results if r.error),
+        extra={"micro_batches": stats.micro_batches, "generate_seconds": stats.generate_seconds,
+               "finish_reasons": _histogram(r.finish_reason for r in results),
+               "padding_replay_matches_engine_stats": abs(replayed.padding_waste - stats.padding_waste) < 1e-9,
+               "loads_note": "loaded once in the driver before the warm-up"},
+    )
+
+
+def probe_worker_threads(spark: SparkSession, partitions: int = 2) -> list[dict[str, Any]]:
+    """The torch thread count and OMP_NUM_THREADS each Spark Python worker runs with."""
+    import pandas as pd
+
+    def probe(batches):
+        import os
+
+        import torch
+
+        for _ in batches:
+            time.sleep(0.5)  # hold the worker so the other task starts its own, concurrently
+            yield pd.DataFrame({"pid": [os.getpid()], "torch_threads": [torch.get_num_threads()],
+                                "omp_num_threads": [os.environ.get("OMP_NUM_THREADS", "")]})
+
+    frame = spark.range(0, partitions, 1, numPartitions=partitions)  # one row in each partition
+    rows = frame.mapInPandas(probe, "pid long, torch_threads int, omp_num_threads string").collect()
+    return [row.asDict() for row in rows]
+
+
+# --------------------------------------------------------------------------------------------
+def _completion(text: str | None, prompt: str) -> str:
+    """The generated part of an MLflow answer: without a prompt template MLflow returns the
+    prompt followed by the completion."""
+    text = text or ""
+    return text[len(prompt):] if text.startswith(prompt) else text
+
+
+def _count_tokens(tokenizer: Any, texts: list[str]) -> int:
+    return sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts)
+
+
+def _histogram(values) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[str(value)] = counts.get(str(value), 0) + 1
+    return counts

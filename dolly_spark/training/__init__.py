@@ -1,0 +1,1 @@
+"""Fine-tuning: Dolly-style instruction tuning tracked in MLflow, evaluation and promotion."""

@@ -1,0 +1,101 @@
+"""The evaluate-and-promote job: score challenger and champion on the same held-out records,
+and move ``champion`` to the challenger only when it wins by the configured margin."""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from dolly_spark.config import option
+from dolly_spark.registry import CHALLENGER, CHAMPION, alias_version, resolve_model, set_alias
+from dolly_spark.training.data import load_records, stratified_split, validate_records
+from dolly_spark.training.model_scoring import category_chart, flat_metrics, score_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluateConfig:
+    model_name: str = option("support_dolly", "registered model whose challenger is evaluated")
+    eval_data: str = option("databricks/databricks-dolly-15k", "Delta table name or JSONL path of held-out records")
+    eval_fraction: float = option(0.1, "share of each category held out (must match the fine-tune's; 1.0: all records)")
+    seed: int = option(42, "seed of the split (must match the fine-tune's)")
+    max_eval_records: int = option(64, "held-out records generated on")
+    max_new_tokens: int = option(128, "longest generated answer")
+    max_length: int = option(1024, "longest example in tokens for the eval loss")
+    metric: str = option("rouge_l", "overall score compared: rouge_l or exact_match")
+    margin: float = option(0.0, "how much higher the challenger's score must be to become champion")
+    experiment: str = option("dolly_spark", "MLflow experiment of the evaluation run")
+
+
+@dataclass
+class PromotionReport:
+    run_id: str
+    challenger_version: str
+    champion_version: str | None
+    challenger_score: float
+    champion_score: float | None
+    promoted: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def held_out_records(config: EvaluateConfig, spark: Any = None) -> list[dict[str, str]]:
+    """The records the fine-tune held out (same data, fraction and seed give the same split)."""
+    records, _ = load_records(config.eval_data, spark)
+    kept = validate_records(records).kept
+    if config.eval_fraction >= 1.0:
+        return kept[: config.max_eval_records]
+    return stratified_split(kept, config.eval_fraction, config.seed)[1][: config.max_eval_records]
+
+
+def _evaluate_version(name: str, version: str, records, config: EvaluateConfig) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dolly_spark.models import local_model_paths
+
+    spec = resolve_model(f"models:/{name}/{version}")
+    model_path, tokenizer_path = local_model_paths(spec)
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    fmt = spec.prompt_format or "dolly"
+    return score_model(model, tokenizer, records, fmt, config.max_new_tokens, config.max_length)
+
+
+def run_evaluate_and_promote(config: EvaluateConfig, spark: Any = None) -> PromotionReport:
+    """Evaluate ``@challenger`` (and ``@champion`` when there is one) and promote on a win."""
+    challenger = alias_version(config.model_name, CHALLENGER)
+    if challenger is None:
+        raise ValueError(f"registered model {config.model_name!r} has no @{CHALLENGER} alias; run the fine-tune job first")
+    champion = alias_version(config.model_name, CHAMPION)
+    records = held_out_records(config, spark)
+    if not records:
+        raise ValueError(f"no held-out records in {config.eval_data!r} with eval_fraction={config.eval_fraction}")
+
+    with mlflow.start_run(run_name=f"evaluate-{config.model_name}-v{challenger}") as run:
+        mlflow.set_tags({"job": "evaluate_and_promote", "challenger_version": challenger,
+                         "champion_version": champion or "none"})
+        mlflow.log_params({**asdict(config), "eval_records": len(records)})
+        evaluations = {f"challenger v{challenger}": _evaluate_version(config.model_name, challenger, records, config)}
+        metrics = flat_metrics("challenger", evaluations[f"challenger v{challenger}"])
+        challenger_score = metrics[f"challenger_{config.metric}"]
+        champion_score = None
+        if champion is not None and champion != challenger:
+            evaluations[f"champion v{champion}"] = _evaluate_version(config.model_name, champion, records, config)
+            metrics.update(flat_metrics("champion", evaluations[f"champion v{champion}"]))
+            champion_score = metrics[f"champion_{config.metric}"]
+        promoted = champion is None or (champion_score is not None and challenger_score >= champion_score + config.margin)
+        metrics["promoted"] = float(promoted)
+        mlflow.log_metrics(metrics)
+        mlflow.log_figure(category_chart(evaluations), "rouge_l_by_category.png")
+        client = MlflowClient()
+        client.set_model_version_tag(config.model_name, challenger, f"eval_{config.metric}", f"{challenger_score:.4f}")
+        if promoted:
+            set_alias(config.model_name, CHAMPION, challenger)
+        log.info("challenger v%s %s=%.4f vs champion %s %s: %s", challenger, config.metric, challenger_score,
+                 f"v{champion}" if champion else "none",
+                 f"{champion_score:.4f}" if champion_score is not None else "-",
+                 "promoted to champion" if promoted else "not promoted")
+        return PromotionReport(run.info.run_id, challenger, champion, challenger_score, champion_score, promoted, metrics)

@@ -1,0 +1,44 @@
+# Databricks notebook source
+# MAGIC %md
+# MAGIC # Fine-tune an instruction model
+# MAGIC
+# MAGIC Fine-tunes a base model on Dolly-style records (instruction, context, response), logs the run to
+# MAGIC MLflow and registers the result as a new version of `model_name` with the alias `challenger`: the same
+# MAGIC job as `jobs/finetune.py`, with widgets as its parameters. Run `evaluate_and_promote` next to make it
+# MAGIC the `champion` if it wins. Run it on a single-node GPU cluster (ML GPU runtime).
+# MAGIC
+# MAGIC The next cell installs the package from the bundle's synced source (the folder above this notebook
+# MAGIC holds `setup.py`); with the wheel already attached to the cluster, skip it.
+
+# COMMAND ----------
+
+# MAGIC %pip install --quiet ..
+
+# COMMAND ----------
+
+dbutils.library.restartPython()
+
+# COMMAND ----------
+
+from dolly_spark.tracking import configure_mlflow
+from dolly_spark.training.finetune import FinetuneConfig, run_finetune
+
+defaults = FinetuneConfig()
+dbutils.widgets.text("base_model", defaults.base_model, "Base model (hub id, local checkpoint or models:/ URI)")
+dbutils.widgets.text("train_data", defaults.train_data, "Training records: Delta table, JSONL path or databricks/databricks-dolly-15k")
+dbutils.widgets.text("model_name", defaults.model_name, "Registered model (catalog.schema.model)")
+dbutils.widgets.text("max_steps", str(defaults.max_steps), "Training steps")
+dbutils.widgets.text("experiment", defaults.experiment, "MLflow experiment")
+
+# COMMAND ----------
+
+config = FinetuneConfig(
+    base_model=dbutils.widgets.get("base_model"),
+    train_data=dbutils.widgets.get("train_data"),
+    model_name=dbutils.widgets.get("model_name"),
+    max_steps=int(dbutils.widgets.get("max_steps")),
+    experiment=dbutils.widgets.get("experiment"),
+)
+configure_mlflow(config.experiment)
+report = run_finetune(config, spark=spark)
+print(report)
