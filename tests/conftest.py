@@ -57,6 +57,19 @@ def mlflow_registry(tmp_path_factory, project_home):
     mlflow.end_run()
 
 
+def no_jobs_ran(spark, action):
+    """Run ``action``, which must raise ValueError, under a fresh job group; return (the error,
+    whether no Spark job ran)."""
+    group = f"fail-fast-{id(action)}"
+    spark.sparkContext.setJobGroup(group, "fail-fast check")
+    try:
+        with pytest.raises(ValueError) as raised:
+            action()
+    finally:
+        spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
+    return raised.value, not spark.sparkContext.statusTracker().getJobIdsForGroup(group)
+
+
 def tokenizer_corpus() -> list[str]:
     texts = []
     for source in (SHARED_DATA, PACKAGE_TICKETS):

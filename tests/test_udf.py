@@ -6,6 +6,8 @@ import re
 import pytest
 from pyspark.sql import functions as F
 
+from conftest import no_jobs_ran
+
 from dolly_spark import apply_instruction
 from dolly_spark.engine import GenerationSettings, InstructionEngine
 from dolly_spark.models import LOAD_LEDGER, checkpoint_paths, fetch_model_files, version_cache_dir
@@ -25,18 +27,6 @@ INSTRUCTION = "Summarize the ticket in one sentence."
 @pytest.fixture(scope="module")
 def tickets(spark):
     return spark.createDataFrame(TICKETS, "ticket_id STRING, body STRING").withColumn("priority", F.lit(3))
-
-
-def no_jobs_ran(spark, action):
-    """Run ``action`` under a fresh job group and return (what it raised, whether any job ran)."""
-    group = f"check-{id(action)}"
-    spark.sparkContext.setJobGroup(group, "fail-fast check")
-    try:
-        with pytest.raises(ValueError) as raised:
-            action()
-    finally:
-        spark.sparkContext.setLocalProperty("spark.jobGroup.id", None)
-    return raised.value, not spark.sparkContext.statusTracker().getJobIdsForGroup(group)
 
 
 def test_one_result_per_row_with_errors_for_bad_rows(spark, tickets, registered_tiny):
