@@ -14,25 +14,30 @@ from typing import Sequence
 
 from dolly_spark.config import load_config
 
-DEMO_CONFIG_OVERRIDES = {"max_new_tokens": 48}
+# Short summaries keep the demo to a couple of minutes on a laptop CPU; flags given to
+# `dolly-spark demo` come later on the command line and override these.
+DEMO_FLAGS = ["--max-new-tokens", "48"]
 
 
-def _setup_logging() -> None:
+def _start_job(config_cls, argv: Sequence[str] | None, prog: str, description: str):
+    """Parse the job's config (defaults < YAML < flags), set up logging and MLflow; return the config."""
+    from dolly_spark.tracking import configure_mlflow
+
+    config = load_config(config_cls, argv, prog, description)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("py4j", "urllib3", "alembic", "mlflow.store", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_mlflow(config.experiment)
+    return config
 
 
 def summarize_main(argv: Sequence[str] | None = None) -> int:
     """spark-submit jobs/summarize_tickets.py: summarize new tickets into the target table."""
     from dolly_spark.summarize import SummarizeConfig, run_summarize
     from dolly_spark.tables import get_spark
-    from dolly_spark.tracking import configure_mlflow
 
-    config = load_config(SummarizeConfig, argv, "summarize_tickets",
-                         "Summarize support tickets from a Delta table into another, incrementally.")
-    _setup_logging()
-    configure_mlflow(config.experiment)
+    config = _start_job(SummarizeConfig, argv, "summarize_tickets",
+                        "Summarize support tickets from a Delta table into another, incrementally.")
     report = run_summarize(get_spark("summarize_tickets"), config)
     print(_report_line(report))
     return 0
@@ -49,15 +54,10 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
     from dolly_spark.demo import ensure_demo_model_registered, ensure_sample_tickets_table
     from dolly_spark.summarize import SummarizeConfig, preview, run_summarize
     from dolly_spark.tables import get_spark
-    from dolly_spark.tracking import configure_mlflow
 
     started = time.perf_counter()
-    config = load_config(SummarizeConfig, argv, "dolly-spark demo",
-                         "Summarize the sample tickets with the demo model, all local.")
-    if argv is None or "--max-new-tokens" not in argv:
-        config.max_new_tokens = DEMO_CONFIG_OVERRIDES["max_new_tokens"]
-    _setup_logging()
-    configure_mlflow(config.experiment)
+    config = _start_job(SummarizeConfig, [*DEMO_FLAGS, *(argv or [])],
+                        "dolly-spark demo", "Summarize the sample tickets with the demo model, all local.")
     spark = get_spark("dolly_spark-demo")
     ensure_sample_tickets_table(spark, config.source_table)
     name = config.model_uri.removeprefix("models:/").split("@")[0].split("/")[0]
@@ -71,13 +71,10 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
 
 def finetune_main(argv: Sequence[str] | None = None) -> int:
     """spark-submit jobs/finetune.py: fine-tune, register a new version, alias it challenger."""
-    from dolly_spark.tracking import configure_mlflow
     from dolly_spark.training.finetune import FinetuneConfig, run_finetune
 
-    config = load_config(FinetuneConfig, argv, "finetune",
-                         "Fine-tune an instruction model Dolly-style and register it as a new version.")
-    _setup_logging()
-    configure_mlflow(config.experiment)
+    config = _start_job(FinetuneConfig, argv, "finetune",
+                        "Fine-tune an instruction model Dolly-style and register it as a new version.")
     report = run_finetune(config)
     print(f"registered {report.model_name} version {report.version} as @{config.alias} "
           f"({report.train_records} train / {report.eval_records} eval examples, skipped {report.skipped}, "
@@ -89,13 +86,10 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """spark-submit jobs/evaluate_and_promote.py: score challenger vs champion, promote on a win."""
-    from dolly_spark.tracking import configure_mlflow
     from dolly_spark.training.evaluate import EvaluateConfig, run_evaluate_and_promote
 
-    config = load_config(EvaluateConfig, argv, "evaluate_and_promote",
-                         "Evaluate the challenger against the champion and promote it when it wins.")
-    _setup_logging()
-    configure_mlflow(config.experiment)
+    config = _start_job(EvaluateConfig, argv, "evaluate_and_promote",
+                        "Evaluate the challenger against the champion and promote it when it wins.")
     report = run_evaluate_and_promote(config)
     champion = f"v{report.champion_version} {config.metric}={report.champion_score:.4f}" if report.champion_score is not None else "none"
     print(f"challenger v{report.challenger_version} {config.metric}={report.challenger_score:.4f}, champion {champion}: "
