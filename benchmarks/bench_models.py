@@ -110,8 +110,9 @@ def prepare_model(key: str, seed: int) -> BenchModel:
 
 
 def _prompt_template(model_dir: Path) -> str | None:
+    # MLflow keeps a transformers model's prompt template in the MLmodel metadata.
     mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text(encoding="utf-8"))
-    return (mlmodel.get("flavors", {}).get("transformers", {}) or {}).get("prompt_template")
+    return (mlmodel.get("metadata") or {}).get("prompt_template")
 
 
 def mlflow_input_for(prompt: str, template: str | None) -> str:

@@ -105,7 +105,6 @@ def run_model(spark, key: str, args: argparse.Namespace, machine: dict[str, Any]
     # The driver's engine: variant (d), and the tokenizer and prompt format every variant shares.
     engine = InstructionEngine.from_pretrained(bench.model_path, bench.spec.prompt_format, settings,
                                                tokenizer_path=bench.tokenizer_path)
-    greedy = not getattr(engine.model.generation_config, "do_sample", False)
     tickets = generate_tickets(args.rows, args.seed)
     warm = generate_tickets(args.warmup_rows, args.seed + 1)
     rows = build_rows(spark, tickets, warm, engine, bench.prompt_template)
@@ -127,7 +126,7 @@ def run_model(spark, key: str, args: argparse.Namespace, machine: dict[str, Any]
     meta = {
         "model": key, "model_uri": bench.uri, "registered_name": bench.spec.name, "version": bench.spec.version,
         "prompt_format": bench.prompt_format, "rows": args.rows, "partitions": PARTITIONS,
-        "max_new_tokens": args.max_new_tokens, "greedy_generation_config": greedy,
+        "max_new_tokens": args.max_new_tokens, "mlflow_model_uri": bench.uri,
         "parameters": parameter_counts(engine.model),
         "prompt_tokens": {"min": min(prompt_lengths), "max": max(prompt_lengths),
                           "mean": statistics.mean(prompt_lengths)},

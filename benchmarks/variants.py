@@ -118,10 +118,10 @@ def run_apply_instruction(bench: BenchModel, rows: BenchRows, settings: Generati
 
 def run_mlflow_spark_udf(spark: SparkSession, bench: BenchModel, rows: BenchRows, max_new_tokens: int,
                          tokenizer: Any) -> VariantResult:
-    """(b): mlflow.pyfunc.spark_udf with max_new_tokens as an inference param.
+    """(b): mlflow.pyfunc.spark_udf on the same registered version, whose stored inference
+    config is greedy (dolly_spark.registry.log_and_register stores do_sample=False), with
+    max_new_tokens as an inference param, which the signature declares.
 
-    The model's signature declares ``max_new_tokens`` as a param, so it is passed per call; the
-    models' generation configs are greedy (do_sample unset), so the route is greedy as well.
     The stored prompt template (Dolly models) wraps ``mlflow_input``; a chat model has none and
     gets the full chat prompt, which MLflow then returns with the completion appended.
     """
@@ -143,7 +143,8 @@ def run_mlflow_spark_udf(spark: SparkSession, bench: BenchModel, rows: BenchRows
         generated_tokens=_count_tokens(tokenizer, completions), token_counts_from="re-tokenized text",
         warmup_seconds=warm_seconds, loads_warmup=None, loads_timed=None,
         error_rows=sum(1 for text in completions if not text.strip()),
-        extra={"params": {"max_new_tokens": max_new_tokens},
+        extra={"model_uri": bench.uri, "params": {"max_new_tokens": max_new_tokens},
+               "stored_model_config": {"do_sample": False},
                "prompt_template_stored": bench.prompt_template is not None},
         per_row={r["ticket_id"]: (text, 0) for r, text in zip(collected, completions)},
     )
@@ -182,11 +183,14 @@ def reconcile_mlflow_counts(mlflow_result: VariantResult, pipeline_result: Varia
     MLflow returns text only. (b) and (c) run the same pipeline class on the same model, prompt
     text and settings, greedy, so a row whose text is identical in both generated the same
     tokens, and (c) counted those exactly; only rows whose texts differ are re-tokenized.
+    (Without do_sample=False stored in the model, the pipeline would sample and no row would
+    match: see dolly_spark.registry.log_and_register.)
     """
     total, same = 0, 0
     for key, (text, _) in mlflow_result.per_row.items():
         reference = pipeline_result.per_row.get(key)
-        if reference is not None and reference[0] == text:
+        # MLflow strips the whitespace around a completion; the tokens behind it are the same.
+        if reference is not None and reference[0].strip() == text.strip():
             total += reference[1]
             same += 1
         else:

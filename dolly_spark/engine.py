@@ -37,7 +37,9 @@ class GenerationSettings:
     """How the engine generates.
 
     ``token_budget`` bounds each micro-batch: rows × (longest prompt + max_new_tokens), the
-    tokens its KV cache holds at the end. ``on_overlong``: "truncate" cuts the context from its
+    tokens its KV cache holds at the end. ``min_length_ratio`` starts a new micro-batch when a
+    row is shorter than that share of the batch's longest prompt, which bounds the padding a
+    micro-batch computes (0 disables it). ``on_overlong``: "truncate" cuts the context from its
     end and flags the row; "error" answers the row with an error instead.
     """
 
@@ -48,6 +50,7 @@ class GenerationSettings:
     seed: int = 0
     token_budget: int = 16384
     max_batch_rows: int = 64
+    min_length_ratio: float = 0.75
     on_overlong: str = "truncate"
     strategy: str = "static"
 
@@ -253,22 +256,32 @@ class InstructionEngine:
                 prepared.append(outcome)
 
         started = time.perf_counter()
-        for batch in self.micro_batches(prepared):
+        batches = self.micro_batches(prepared)
+        for batch in batches:
             for row, result in zip(batch, self._generate_or_split(batch)):
                 results[row.index] = result
-        self.stats.generate_seconds += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self.stats.generate_seconds += seconds
         self.stats.rows += count
+        generated = sum(r.completion_tokens for r in results if r is not None)
+        log.info("%d rows (%d generated, %d answered with an error before generation) in %d micro-batches: "
+                 "%d tokens in %.1fs", count, len(prepared), count - len(prepared), len(batches), generated, seconds)
         return results  # type: ignore[return-value]
 
     def micro_batches(self, prepared: list[_Prepared]) -> list[list[_Prepared]]:
         """Rows sorted longest first and cut so rows × (longest prompt + max_new_tokens) stays
-        within the token budget; a single row over the budget goes alone."""
+        within the token budget and no row is padded beyond ``min_length_ratio`` of the longest;
+        a single row over the budget goes alone."""
+        settings = self.settings
         batches: list[list[_Prepared]] = []
         current: list[_Prepared] = []
         for row in sorted(prepared, key=lambda item: len(item.ids), reverse=True):
             longest = len(current[0].ids) if current else len(row.ids)
-            footprint = (len(current) + 1) * (longest + self.settings.max_new_tokens)
-            if current and (footprint > self.settings.token_budget or len(current) >= self.settings.max_batch_rows):
+            footprint = (len(current) + 1) * (longest + settings.max_new_tokens)
+            # Padding is computed like real tokens: on a CPU, compute-bound already at a few
+            # rows, a batch of mixed lengths costs more than two batches of similar ones.
+            too_short = len(row.ids) < settings.min_length_ratio * longest
+            if current and (footprint > settings.token_budget or len(current) >= settings.max_batch_rows or too_short):
                 batches.append(current)
                 current = []
             current.append(row)

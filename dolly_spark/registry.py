@@ -188,6 +188,9 @@ def log_and_register(
             task="text-generation",
             signature=signature,
             prompt_template=template,
+            # Greedy unless a caller asks otherwise: the text-generation pipeline would
+            # otherwise sample with the model's default temperature.
+            model_config={"do_sample": False, "max_new_tokens": max_new_tokens},
             metadata={"prompt_format": prompt_format, **(metadata or {})},
             registered_model_name=registered_name,
             # Stated, not inferred: inference imports optional packages (torchvision) that a

@@ -51,6 +51,7 @@ def apply_instruction(
     prompt_format: str | None = None,
     token_budget: int = 16384,
     max_batch_rows: int = 64,
+    min_length_ratio: float = 0.75,
     on_overlong: str = "truncate",
     strategy: str = "static",
     arrow_batch_size: int | None = None,
@@ -83,7 +84,8 @@ def apply_instruction(
         raise ValueError(f"output column {output_col!r} already exists; pass another output_col")
     settings = GenerationSettings(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-        token_budget=token_budget, max_batch_rows=max_batch_rows, on_overlong=on_overlong, strategy=strategy,
+        token_budget=token_budget, max_batch_rows=max_batch_rows, min_length_ratio=min_length_ratio,
+        on_overlong=on_overlong, strategy=strategy,
     )
     spec = resolve_model(model_uri, prompt_format)
     log.info("apply_instruction: %s resolved to %s (version %s, format %s)",

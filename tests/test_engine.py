@@ -29,7 +29,7 @@ def taught_rows(*names):
 
 
 def test_batched_greedy_equals_one_row_at_a_time(tiny_model):
-    engine = engine_for(tiny_model, max_new_tokens=12, token_budget=100_000)
+    engine = engine_for(tiny_model, max_new_tokens=12, token_budget=100_000, min_length_ratio=0.0)
     batched = engine.run(LENGTHS_INSTRUCTIONS, LENGTHS_CONTEXTS)
     assert len(engine.stats.micro_batches) == 1  # everything went through one left-padded batch
     single = [engine.run([i], [c])[0] for i, c in zip(LENGTHS_INSTRUCTIONS, LENGTHS_CONTEXTS)]
@@ -49,6 +49,22 @@ def test_order_is_restored_and_micro_batches_fit_the_budget(tiny_model):
     for rows, padded in engine.stats.micro_batches:
         assert rows == 1 or rows * (padded + 8) <= budget
     assert sum(rows for rows, _ in engine.stats.micro_batches) == len(LENGTHS_INSTRUCTIONS)
+
+
+def test_micro_batches_keep_similar_lengths_together(tiny_model):
+    engine = engine_for(tiny_model, max_new_tokens=4, token_budget=100_000, min_length_ratio=0.75)
+    results = engine.run(LENGTHS_INSTRUCTIONS, LENGTHS_CONTEXTS)
+    lengths = sorted((r.prompt_tokens for r in results), reverse=True)
+    cursor = 0
+    for rows, padded in engine.stats.micro_batches:
+        batch = lengths[cursor: cursor + rows]
+        assert batch[0] == padded and min(batch) >= 0.75 * padded
+        cursor += rows
+    assert cursor == len(lengths)
+    one_batch = engine_for(tiny_model, max_new_tokens=4, token_budget=100_000, min_length_ratio=0.0)
+    one_batch.run(LENGTHS_INSTRUCTIONS, LENGTHS_CONTEXTS)
+    assert len(one_batch.stats.micro_batches) == 1
+    assert engine.stats.padded_prompt_tokens < one_batch.stats.padded_prompt_tokens
 
 
 def test_finish_reasons_stop_eos_and_length(taught_model):

@@ -1,0 +1,34 @@
+"""Device and dtype choice. The GPU cases stand in for hardware this machine lacks."""
+from __future__ import annotations
+
+import torch
+
+from dolly_spark.devices import is_out_of_memory, select_device, select_dtype
+
+
+def test_cpu_gets_fp32():
+    if not torch.cuda.is_available():
+        assert select_device() == torch.device("cpu")
+    assert select_dtype(torch.device("cpu")) is torch.float32
+
+
+def test_gpu_dtype_follows_bf16_support(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert select_device(3) == torch.device("cuda", 3)
+    assert select_device() == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert select_dtype(torch.device("cuda", 0)) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a T4 or V100
+    assert select_dtype(torch.device("cuda", 0)) is torch.float16
+
+
+def test_out_of_memory_is_recognised():
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert not is_out_of_memory(ValueError("bad value"))
+
+
+def test_spark_task_without_gpu_resources_runs_on_cpu(spark):
+    from dolly_spark.udf import task_gpu_index
+
+    assert spark.sparkContext.parallelize([0, 1], 2).map(lambda _: task_gpu_index()).collect() == [None, None]
