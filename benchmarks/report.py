@@ -14,12 +14,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from benchmarks.variants import APPLY, ENGINE, MLFLOW, PIPELINE, VARIANTS, VariantResult
+from benchmarks.variants import APPLY, APPLY_BF16, ENGINE, MLFLOW, PIPELINE, VARIANTS, VariantResult
 
 # Goals on the 2-core CPU machine: reported against, never asserted.
 TARGETS = {"vs_mlflow_spark_udf": 3.0, "vs_per_row_pipeline": 2.5, "vs_bare_engine": 0.9, "mfu_apply_instruction": 0.60}
 EXACT_COUNTS = ("engine", "pipeline token ids")
-LABELS = {APPLY: "(a) apply_instruction", MLFLOW: "(b) mlflow spark_udf", PIPELINE: "(c) per-row pipeline UDF",
+LABELS = {APPLY: "(a) apply_instruction", APPLY_BF16: "(a') apply_instruction, dtype=bfloat16", MLFLOW: "(b) mlflow spark_udf", PIPELINE: "(c) per-row pipeline UDF",
           ENGINE: "(d) bare engine (driver)"}
 
 
@@ -36,6 +36,8 @@ def model_entry(meta: dict[str, Any], results: dict[str, VariantResult], machine
     for key, other in (("vs_mlflow_spark_udf", MLFLOW), ("vs_per_row_pipeline", PIPELINE), ("vs_bare_engine", ENGINE)):
         if apply and other in results:
             ratios[key] = apply.rows_per_second / results[other].rows_per_second
+        if APPLY_BF16 in results and other in (MLFLOW, PIPELINE) and other in results:
+            ratios[f"bf16_{key}"] = results[APPLY_BF16].rows_per_second / results[other].rows_per_second
     params = meta["parameters"]["matmul"]
     figures = {}
     if apply:
@@ -96,6 +98,9 @@ def markdown(report: dict[str, Any]) -> str:
             shown = f"{100 * target['value']:.2f} %" if key.startswith("mfu") else f"{target['value']:.2f}"
             goal = f"≥ {100 * target['goal']:.0f} %" if key.startswith("mfu") else f"≥ {target['goal']}"
             lines.append(f"| {key} | {shown} | {goal} | {'yes' if target['met'] else 'no'} |")
+        for key, value in entry["ratios"].items():
+            if key.startswith("bf16_"):
+                lines.append(f"| {key} ((a') over) | {value:.2f} | – | – |")
         lines.append("")
     lines += ["## machine", "",
               f"{machine['cpu']}, {machine['cpu_count']} CPUs, torch {machine['torch']}. Measured fp32 matmul "

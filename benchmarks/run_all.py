@@ -31,6 +31,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--rows", type=int, default=32, help="tickets per model")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time (a) with dtype=bfloat16, reported beside the fp32 comparison")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per row, at most (greedy)")
     parser.add_argument("--models", default="tiny,demo", help="comma-separated: tiny, demo")
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload and of the tiny model")
@@ -113,6 +115,10 @@ def run_model(spark, key: str, args: argparse.Namespace, machine: dict[str, Any]
     results = {}
     log.info("%s: (a) apply_instruction", key)
     results[variants.APPLY] = variants.run_apply_instruction(bench, rows, settings, arrow_batch_rows)
+    if args.bf16:
+        log.info("%s: (a) apply_instruction, dtype=bfloat16", key)
+        results[variants.APPLY_BF16] = variants.run_apply_instruction(bench, rows, settings, arrow_batch_rows,
+                                                                      dtype="bfloat16")
     log.info("%s: (b) mlflow.pyfunc.spark_udf", key)
     results[variants.MLFLOW] = variants.run_mlflow_spark_udf(spark, bench, rows, args.max_new_tokens, engine.tokenizer)
     log.info("%s: (c) per-row pipeline UDF", key)

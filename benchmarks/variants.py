@@ -28,7 +28,10 @@ from benchmarks.workload import INSTRUCTION
 from dolly_spark.engine import EngineStats, GenerationSettings, InstructionEngine
 
 APPLY, MLFLOW, PIPELINE, ENGINE = "apply_instruction", "mlflow_spark_udf", "per_row_pipeline", "engine"
-VARIANTS = (APPLY, MLFLOW, PIPELINE, ENGINE)
+# (a) again with dtype="bfloat16": an opt-in for CPUs with bf16 matrix units (AMX); reported
+# beside the fp32 comparison, never in place of it.
+APPLY_BF16 = "apply_instruction_bf16"
+VARIANTS = (APPLY, APPLY_BF16, MLFLOW, PIPELINE, ENGINE)
 
 
 @dataclass
@@ -83,15 +86,16 @@ def _timed(action: Callable[[], Any]) -> tuple[Any, float]:
 
 # --------------------------------------------------------------------------------------------
 def run_apply_instruction(bench: BenchModel, rows: BenchRows, settings: GenerationSettings,
-                          arrow_batch_rows: int) -> VariantResult:
-    """(a): apply_instruction over the DataFrame; padding waste replayed from the result struct."""
+                          arrow_batch_rows: int, dtype: str | None = None) -> VariantResult:
+    """(a): apply_instruction over the DataFrame; padding waste replayed from the result struct.
+    With ``dtype`` the model runs in that dtype instead of the device default (fp32 on a CPU)."""
     from dolly_spark import apply_instruction
     from dolly_spark.models import load_count
 
     def plan(df: DataFrame) -> DataFrame:
         out = apply_instruction(
             df, INSTRUCTION, model_uri=bench.uri, input_col="body", max_new_tokens=settings.max_new_tokens,
-            token_budget=settings.token_budget, max_batch_rows=settings.max_batch_rows,
+            token_budget=settings.token_budget, max_batch_rows=settings.max_batch_rows, dtype=dtype,
         )
         return out.select("ticket_id", F.spark_partition_id().alias("partition"), "response.*")
 
@@ -105,7 +109,7 @@ def run_apply_instruction(bench: BenchModel, rows: BenchRows, settings: Generati
     tokens = [RowTokens(r["partition"], r["prompt_tokens"], r["completion_tokens"], r["finish_reason"]) for r in collected]
     stats = replay_stats(tokens, settings, arrow_batch_rows)
     return VariantResult(
-        APPLY, len(collected), seconds,
+        APPLY_BF16 if dtype == "bfloat16" else APPLY, len(collected), seconds,
         prompt_tokens=sum(r["prompt_tokens"] for r in collected),
         generated_tokens=sum(r["completion_tokens"] for r in collected),
         token_counts_from="engine", warmup_seconds=warm_seconds,

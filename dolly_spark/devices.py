@@ -11,8 +11,21 @@ def select_device(gpu_index: int | None = None) -> torch.device:
     return torch.device("cuda", gpu_index if gpu_index is not None else 0)
 
 
-def select_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPUs that support it, fp16 on older GPUs, fp32 on the CPU."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """The torch dtype called ``name``, or a ValueError listing the choices."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {name!r}")
+    return DTYPES[name]
+
+
+def select_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
+    """``requested`` ("float32", "bfloat16" or "float16") when given; otherwise bf16 on GPUs
+    that support it, fp16 on older GPUs, fp32 on the CPU."""
+    if requested is not None:
+        return parse_dtype(requested)
     if device.type != "cuda":
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

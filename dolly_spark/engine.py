@@ -190,13 +190,15 @@ class InstructionEngine:
         settings: GenerationSettings | None = None,
         gpu_index: int | None = None,
         tokenizer_path: str | None = None,
+        dtype: str | None = None,
     ) -> "InstructionEngine":
-        """Load a checkpoint (a local directory or a hub id) onto the best device available."""
+        """Load a checkpoint (a local directory or a hub id) onto the best device available, in
+        ``dtype`` or the device's default (see ``devices.select_dtype``)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         device = select_device(gpu_index)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=select_dtype(device)).to(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=select_dtype(device, dtype)).to(device)
         return cls(model, tokenizer, prompt_format, settings)
 
     @property

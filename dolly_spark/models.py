@@ -79,18 +79,20 @@ def local_model_paths(spec: ModelSpec, cache_root: str | None = None) -> tuple[s
     return checkpoint_paths(fetch_model_files(spec, cache_root))
 
 
-def load_engine(spec: ModelSpec, settings, gpu_index: int | None = None, cache_root: str | None = None):
+def load_engine(spec: ModelSpec, settings, gpu_index: int | None = None, cache_root: str | None = None,
+                dtype: str | None = None):
     """The InstructionEngine for ``spec``, loaded at most once per process and reused after."""
     from dolly_spark.engine import InstructionEngine
 
-    key = (spec, settings, gpu_index)
+    key = (spec, settings, gpu_index, dtype)
     with _engines_lock:
         engine = _engines.get(key)
         if engine is None:
             started = time.perf_counter()
             model_path, tokenizer_path = local_model_paths(spec, cache_root)
             engine = InstructionEngine.from_pretrained(
-                model_path, spec.prompt_format, settings, gpu_index=gpu_index, tokenizer_path=tokenizer_path
+                model_path, spec.prompt_format, settings, gpu_index=gpu_index, tokenizer_path=tokenizer_path,
+                dtype=dtype,
             )
             _engines[key] = engine
             _record_load(spec, engine, time.perf_counter() - started, cache_root)

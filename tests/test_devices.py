@@ -22,6 +22,14 @@ def test_gpu_dtype_follows_bf16_support(monkeypatch):
     assert select_dtype(torch.device("cuda", 0)) is torch.float16
 
 
+def test_requested_dtype_wins_and_is_checked():
+    import pytest
+
+    assert select_dtype(torch.device("cpu"), "bfloat16") is torch.bfloat16
+    with pytest.raises(ValueError, match="float32, bfloat16, float16"):
+        select_dtype(torch.device("cpu"), "int4")
+
+
 def test_out_of_memory_is_recognised():
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
     assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
