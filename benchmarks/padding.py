@@ -31,7 +31,7 @@ def replay_stats(rows: Sequence[RowTokens], settings: GenerationSettings, arrow_
     """EngineStats as the workers' engines counted them, for ``rows`` in collected order
     (Spark's collect keeps partition order and the row order within each partition)."""
     stats = EngineStats()
-    planner = SimpleNamespace(settings=settings)  # micro_batches reads only the settings
+    planner = SimpleNamespace(settings=settings)  # micro_batches and prefill_groups read only the settings
     by_partition: dict[int, list[RowTokens]] = {}
     for row in rows:
         by_partition.setdefault(row.partition, []).append(row)
@@ -52,7 +52,9 @@ def _replay_run(run_rows: Sequence[RowTokens], planner: SimpleNamespace, stats: 
         longest = max(row.prompt_tokens for row in members)
         steps = max(row.completion_tokens for row in members)
         stats.micro_batches.append((len(members), longest))
-        stats.padded_prompt_tokens += len(members) * longest
+        for group in InstructionEngine.prefill_groups(planner, batch):  # type: ignore[arg-type]
+            stats.prefill_groups.append((len(group), len(group[0].ids)))
+            stats.padded_prompt_tokens += len(group) * len(group[0].ids)
         stats.generated_slots += len(members) * steps
         stats.prompt_tokens += sum(row.prompt_tokens for row in members)
         stats.completion_tokens += sum(row.completion_tokens for row in members)

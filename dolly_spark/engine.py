@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from dolly_spark.devices import is_out_of_memory, select_device, select_dtype
@@ -37,9 +38,10 @@ class GenerationSettings:
     """How the engine generates.
 
     ``token_budget`` bounds each micro-batch: rows × (longest prompt + max_new_tokens), the
-    tokens its KV cache holds at the end. ``min_length_ratio`` starts a new micro-batch when a
-    row is shorter than that share of the batch's longest prompt, which bounds the padding a
-    micro-batch computes (0 disables it). ``on_overlong``: "truncate" cuts the context from its
+    tokens its KV cache holds at the end. Within a micro-batch, prompts are prefilled in groups
+    of similar length: a row shorter than ``min_length_ratio`` of its group's longest prompt
+    starts a new group (0 prefills the micro-batch as one group); then the whole micro-batch
+    decodes together. ``on_overlong``: "truncate" cuts the context from its
     end and flags the row; "error" answers the row with an error instead.
     """
 
@@ -84,7 +86,8 @@ class EngineStats:
     """Counters over every ``run`` of an engine, for logs and benchmarks."""
 
     rows: int = 0
-    micro_batches: list[tuple[int, int]] = field(default_factory=list)  # (rows, padded prompt length)
+    micro_batches: list[tuple[int, int]] = field(default_factory=list)  # (rows, longest prompt), decoded together
+    prefill_groups: list[tuple[int, int]] = field(default_factory=list)  # (rows, padded prompt length)
     prompt_tokens: int = 0
     padded_prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -272,24 +275,31 @@ class InstructionEngine:
 
     def micro_batches(self, prepared: list[_Prepared]) -> list[list[_Prepared]]:
         """Rows sorted longest first and cut so rows × (longest prompt + max_new_tokens) stays
-        within the token budget and no row is padded beyond ``min_length_ratio`` of the longest;
-        a single row over the budget goes alone."""
+        within the token budget; a single row over the budget goes alone."""
         settings = self.settings
         batches: list[list[_Prepared]] = []
         current: list[_Prepared] = []
         for row in sorted(prepared, key=lambda item: len(item.ids), reverse=True):
             longest = len(current[0].ids) if current else len(row.ids)
             footprint = (len(current) + 1) * (longest + settings.max_new_tokens)
-            # Padding is computed like real tokens: on a CPU, compute-bound already at a few
-            # rows, a batch of mixed lengths costs more than two batches of similar ones.
-            too_short = len(row.ids) < settings.min_length_ratio * longest
-            if current and (footprint > settings.token_budget or len(current) >= settings.max_batch_rows or too_short):
+            if current and (footprint > settings.token_budget or len(current) >= settings.max_batch_rows):
                 batches.append(current)
                 current = []
             current.append(row)
         if current:
             batches.append(current)
         return batches
+
+    def prefill_groups(self, batch: list[_Prepared]) -> list[list[_Prepared]]:
+        """A micro-batch (longest first) cut into runs whose rows are at least
+        ``min_length_ratio`` as long as the run's first."""
+        groups: list[list[_Prepared]] = []
+        for row in batch:
+            if groups and len(row.ids) >= self.settings.min_length_ratio * len(groups[-1][0].ids):
+                groups[-1].append(row)
+            else:
+                groups.append([row])
+        return groups
 
     # ----------------------------------------------------------------------------------------
     def _prepare(self, index: int, instruction: Any, context: Any, key: Any) -> _Prepared | InstructionResult:
@@ -374,27 +384,65 @@ class InstructionEngine:
 
     def _generate_static(self, batch: list[_Prepared]) -> list[list[int]]:
         longest = max(len(row.ids) for row in batch)
-        input_ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), longest), dtype=torch.long)
-        for position, row in enumerate(batch):
-            input_ids[position, longest - len(row.ids):] = torch.tensor(row.ids)
-            attention[position, longest - len(row.ids):] = 1
+        input_ids, attention = self._left_padded(batch, longest)
         processors = LogitsProcessorList()
         if self.settings.sampling:
             processors.append(_RowSeededSampler([row.seed for row in batch], self.settings, self.device))
+        groups = self.prefill_groups(batch)
         with torch.inference_mode():
+            # Padding is computed like real tokens, and on a CPU, compute-bound at a few rows,
+            # a prompt padded to twice its length costs twice as much. So prompts of similar
+            # length are prefilled together, and the micro-batch then decodes as one batch:
+            # decoding re-reads every weight per step, which a larger batch shares.
+            cache = self._prefill(groups, longest) if len(groups) > 1 else None
             output = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention.to(self.device),
                 generation_config=self._generation_config(),
                 logits_processor=processors,
+                **({"cache": cache} if cache is not None else {}),
             )
-        new_tokens = output[:, longest:].tolist()
         steps = output.shape[1] - longest
         self.stats.micro_batches.append((len(batch), longest))
-        self.stats.padded_prompt_tokens += len(batch) * longest
+        for group in groups:  # the batch is sorted longest first, and so is each group
+            self.stats.prefill_groups.append((len(group), len(group[0].ids)))
+            self.stats.padded_prompt_tokens += len(group) * len(group[0].ids)
         self.stats.generated_slots += len(batch) * steps
-        return new_tokens
+        return output[:, longest:].tolist()
+
+    def _left_padded(self, rows: list[_Prepared], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), length), dtype=torch.long)
+        for position, row in enumerate(rows):
+            input_ids[position, length - len(row.ids):] = torch.tensor(row.ids)
+            attention[position, length - len(row.ids):] = 1
+        return input_ids, attention
+
+    def _prefill(self, groups: list[list[_Prepared]], longest: int):
+        """The KV cache of every prompt but its last token, computed group by group and
+        left-padded to ``longest - 1`` positions, for ``generate`` to continue from."""
+        from transformers import DynamicCache
+
+        layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        for group in groups:
+            length = len(group[0].ids)
+            ids, mask = self._left_padded(group, length)
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            # Positions follow the attention mask, as generate numbers them, so the cached keys
+            # sit where the decoding steps expect them.
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                             use_cache=True)
+            shift = longest - length
+            padded = [(F.pad(layer.keys, (0, 0, shift, 0)), F.pad(layer.values, (0, 0, shift, 0)))
+                      for layer in out.past_key_values.layers]
+            layers = padded if layers is None else [
+                (torch.cat([k0, k1]), torch.cat([v0, v1])) for (k0, v0), (k1, v1) in zip(layers, padded)
+            ]
+        cache = DynamicCache()
+        for index, (keys, values) in enumerate(layers or []):
+            cache.update(keys, values, index)
+        return cache
 
     def _generate_continuous(self, batch: list[_Prepared]) -> list[list[int]]:
         config = self._generation_config()
@@ -409,6 +457,7 @@ class InstructionEngine:
             raise RuntimeError(f"continuous batching failed for {len(failed) or len(batch)} rows: {failed[:1]}")
         tokens = [list(out.generated_tokens) for out in ordered]
         self.stats.micro_batches.append((len(batch), max(len(row.ids) for row in batch)))
+        self.stats.prefill_groups += [(1, len(row.ids)) for row in batch]
         self.stats.padded_prompt_tokens += sum(len(row.ids) for row in batch)
         self.stats.generated_slots += sum(len(t) for t in tokens)
         return tokens

@@ -28,10 +28,13 @@ def taught_rows(*names):
     return [r[0] for r in rows], [r[1] for r in rows]
 
 
-def test_batched_greedy_equals_one_row_at_a_time(tiny_model):
-    engine = engine_for(tiny_model, max_new_tokens=12, token_budget=100_000, min_length_ratio=0.0)
+@pytest.mark.parametrize("min_length_ratio", [0.0, 0.75])
+def test_batched_greedy_equals_one_row_at_a_time(tiny_model, min_length_ratio):
+    engine = engine_for(tiny_model, max_new_tokens=12, token_budget=100_000, min_length_ratio=min_length_ratio)
     batched = engine.run(LENGTHS_INSTRUCTIONS, LENGTHS_CONTEXTS)
-    assert len(engine.stats.micro_batches) == 1  # everything went through one left-padded batch
+    assert len(engine.stats.micro_batches) == 1  # everything decoded as one left-padded batch
+    # ratio 0: prefilled as one padded batch; 0.75: prefilled in groups, then decoded together
+    assert (len(engine.stats.prefill_groups) > 1) == (min_length_ratio > 0)
     single = [engine.run([i], [c])[0] for i, c in zip(LENGTHS_INSTRUCTIONS, LENGTHS_CONTEXTS)]
     assert [r.response for r in batched] == [r.response for r in single]
     assert [r.prompt_tokens for r in batched] == [r.prompt_tokens for r in single]
@@ -51,19 +54,19 @@ def test_order_is_restored_and_micro_batches_fit_the_budget(tiny_model):
     assert sum(rows for rows, _ in engine.stats.micro_batches) == len(LENGTHS_INSTRUCTIONS)
 
 
-def test_micro_batches_keep_similar_lengths_together(tiny_model):
+def test_prefill_groups_keep_similar_lengths_together(tiny_model):
     engine = engine_for(tiny_model, max_new_tokens=4, token_budget=100_000, min_length_ratio=0.75)
     results = engine.run(LENGTHS_INSTRUCTIONS, LENGTHS_CONTEXTS)
     lengths = sorted((r.prompt_tokens for r in results), reverse=True)
     cursor = 0
-    for rows, padded in engine.stats.micro_batches:
+    for rows, padded in engine.stats.prefill_groups:
         batch = lengths[cursor: cursor + rows]
         assert batch[0] == padded and min(batch) >= 0.75 * padded
         cursor += rows
     assert cursor == len(lengths)
     one_batch = engine_for(tiny_model, max_new_tokens=4, token_budget=100_000, min_length_ratio=0.0)
     one_batch.run(LENGTHS_INSTRUCTIONS, LENGTHS_CONTEXTS)
-    assert len(one_batch.stats.micro_batches) == 1
+    assert len(one_batch.stats.prefill_groups) == 1
     assert engine.stats.padded_prompt_tokens < one_batch.stats.padded_prompt_tokens
 
 
