@@ -204,10 +204,6 @@ class InstructionEngine:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=select_dtype(device, dtype)).to(device)
         return cls(model, tokenizer, prompt_format, settings)
 
-    @property
-    def format_name(self) -> str:
-        return self.format.name
-
     def _end_key_id(self) -> int | None:
         token_id = self.tokenizer.convert_tokens_to_ids(END_KEY)
         unknown = self.tokenizer.unk_token_id
@@ -431,8 +427,10 @@ class InstructionEngine:
             # Positions follow the attention mask, as generate numbers them, so the cached keys
             # sit where the decoding steps expect them.
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            # Only the cache is wanted: logits_to_keep=1 skips the vocabulary projection of every
+            # prompt position, a fifth of the prefill's FLOPs for a small model.
             out = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                             use_cache=True)
+                             use_cache=True, logits_to_keep=1)
             shift = longest - length
             padded = [(F.pad(layer.keys, (0, 0, shift, 0)), F.pad(layer.values, (0, 0, shift, 0)))
                       for layer in out.past_key_values.layers]

@@ -60,13 +60,12 @@ def get_spark(
         "spark.ui.showConsoleProgress": "false",
     }
     conf.update(extra_conf or {})
-    builder = SparkSession.builder.appName(app_name).master(
-        master or os.environ.get("DOLLY_SPARK_MASTER", "local[*]")
-    )
+    master = master or os.environ.get("DOLLY_SPARK_MASTER", "local[*]")
+    builder = SparkSession.builder.appName(app_name).master(master)
     for key, value in conf.items():
         builder = builder.config(key, value)
     builder = builder.enableHiveSupport()
-    log.info("starting local Spark (%s) with Delta; project home %s", conf, home)
+    log.info("starting a local Spark session (%s) with Delta Lake; tables under %s", master, home)
     return configure_spark_with_delta_pip(builder).getOrCreate()
 
 
