@@ -391,10 +391,14 @@ class InstructionEngine:
             # length are prefilled together, and the micro-batch then decodes as one batch:
             # decoding re-reads every weight per step, which a larger batch shares.
             cache = self._prefill(groups, longest) if len(groups) > 1 else None
+            config = self._generation_config()
+            if cache is None:
+                # A preallocated cache: a growing one copies itself at every decoding step.
+                config.cache_implementation = "static"
             output = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention.to(self.device),
-                generation_config=self._generation_config(),
+                generation_config=config,
                 logits_processor=processors,
                 **({"cache": cache} if cache is not None else {}),
             )
@@ -416,8 +420,9 @@ class InstructionEngine:
 
     def _prefill(self, groups: list[list[_Prepared]], longest: int):
         """The KV cache of every prompt but its last token, computed group by group and
-        left-padded to ``longest - 1`` positions, for ``generate`` to continue from."""
-        from transformers import DynamicCache
+        left-padded to ``longest - 1`` positions, for ``generate`` to continue from. The cache
+        is preallocated for the whole generation, so decoding steps write into it in place."""
+        from transformers import StaticCache
 
         layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         for group in groups:
@@ -437,7 +442,7 @@ class InstructionEngine:
             layers = padded if layers is None else [
                 (torch.cat([k0, k1]), torch.cat([v0, v1])) for (k0, v0), (k1, v1) in zip(layers, padded)
             ]
-        cache = DynamicCache()
+        cache = StaticCache(config=self.model.config, max_cache_len=longest - 1 + self.settings.max_new_tokens)
         for index, (keys, values) in enumerate(layers or []):
             cache.update(keys, values, index)
         return cache
