@@ -376,6 +376,9 @@ class InstructionEngine:
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
             use_cache=True,
+            # Every micro-batch has its own shape; compiling the forward for the preallocated
+            # cache (what generate does on a GPU by default) would recompile again and again.
+            disable_compile=True,
         )
 
     def _generate_static(self, batch: list[_Prepared]) -> list[list[int]]:
@@ -424,7 +427,7 @@ class InstructionEngine:
         is preallocated for the whole generation, so decoding steps write into it in place."""
         from transformers import StaticCache
 
-        layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        per_group: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # group → layer → (keys, values)
         for group in groups:
             length = len(group[0].ids)
             ids, mask = self._left_padded(group, length)
@@ -437,14 +440,11 @@ class InstructionEngine:
             out = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
                              use_cache=True, logits_to_keep=1)
             shift = longest - length
-            padded = [(F.pad(layer.keys, (0, 0, shift, 0)), F.pad(layer.values, (0, 0, shift, 0)))
-                      for layer in out.past_key_values.layers]
-            layers = padded if layers is None else [
-                (torch.cat([k0, k1]), torch.cat([v0, v1])) for (k0, v0), (k1, v1) in zip(layers, padded)
-            ]
+            per_group.append([(F.pad(layer.keys, (0, 0, shift, 0)), F.pad(layer.values, (0, 0, shift, 0)))
+                              for layer in out.past_key_values.layers])
         cache = StaticCache(config=self.model.config, max_cache_len=longest - 1 + self.settings.max_new_tokens)
-        for index, (keys, values) in enumerate(layers or []):
-            cache.update(keys, values, index)
+        for index, layer in enumerate(zip(*per_group)):
+            cache.update(torch.cat([keys for keys, _ in layer]), torch.cat([values for _, values in layer]), index)
         return cache
 
     def _generate_continuous(self, batch: list[_Prepared]) -> list[list[int]]:
