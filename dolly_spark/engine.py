@@ -19,7 +19,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from dolly_spark.devices import is_out_of_memory, select_device, select_dtype
 from dolly_spark.prompts import (
-    END_KEY,
+    DOLLY_SPECIAL_TOKENS,
     PromptFormat,
     encode_segments,
     get_format,
@@ -63,6 +63,11 @@ class GenerationSettings:
             raise ValueError(f"strategy must be one of {STRATEGIES}, not {self.strategy!r}")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(
+                f"need temperature >= 0, 0 < top_p <= 1 and top_k >= 0 (0: off); got temperature="
+                f"{self.temperature}, top_p={self.top_p}, top_k={self.top_k}"
+            )
 
     @property
     def sampling(self) -> bool:
@@ -180,7 +185,7 @@ class InstructionEngine:
                 f"model's context window of {context_window(model, tokenizer)} tokens"
             )
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.end_key_id = self._end_key_id()
+        self.key_stop_ids = self._key_stop_ids() if self.format.name == "dolly" else set()
         self.eos_ids = self._eos_ids()
         self.stats = EngineStats()
         self._strategy = self.settings.strategy
@@ -204,10 +209,15 @@ class InstructionEngine:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=select_dtype(device, dtype)).to(device)
         return cls(model, tokenizer, prompt_format, settings)
 
-    def _end_key_id(self) -> int | None:
-        token_id = self.tokenizer.convert_tokens_to_ids(END_KEY)
-        unknown = self.tokenizer.unk_token_id
-        return token_id if isinstance(token_id, int) and token_id != unknown and token_id >= 0 else None
+    def _key_stop_ids(self) -> set[int]:
+        """Ids of the Dolly keys in the vocabulary: ``### End`` ends an answer, and a model that
+        starts a new ``### Instruction:`` or ``### Response:`` has finished one too."""
+        ids = set()
+        for key in DOLLY_SPECIAL_TOKENS:
+            token_id = self.tokenizer.convert_tokens_to_ids(key)
+            if isinstance(token_id, int) and token_id >= 0 and token_id != self.tokenizer.unk_token_id:
+                ids.add(token_id)
+        return ids
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -221,8 +231,7 @@ class InstructionEngine:
 
     @property
     def stop_ids(self) -> list[int]:
-        extra = [self.end_key_id] if self.end_key_id is not None and self.format.name == "dolly" else []
-        return sorted(self.eos_ids | set(extra))
+        return sorted(self.eos_ids | self.key_stop_ids)
 
     # ----------------------------------------------------------------------------------------
     def run(
@@ -308,10 +317,11 @@ class InstructionEngine:
         if len(ids) > self.max_prompt_tokens:
             if self.settings.on_overlong == "error" or context is None:
                 return self._overlong(len(ids), context is not None)
+            length = len(ids)
             ids = self._truncate_context(instruction, context)
             truncated = True
             if ids is None:
-                return self._overlong(self.max_prompt_tokens + 1, False)
+                return self._overlong(length, False)
         seed_key = key if key is not None else f"{instruction}\x00{context}"
         return _Prepared(index, ids, truncated, row_seed(self.settings.seed, seed_key))
 
@@ -470,7 +480,7 @@ class InstructionEngine:
         model spelled out as plain text also ends it."""
         finish, kept = FINISH_LENGTH, tokens
         for position, token in enumerate(tokens):
-            if token == self.end_key_id and self.format.name == "dolly":
+            if token in self.key_stop_ids:
                 finish, kept = FINISH_STOP, tokens[:position]
                 break
             if token in self.eos_ids:

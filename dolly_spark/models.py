@@ -22,7 +22,8 @@ from dolly_spark.settings import model_cache_dir
 log = logging.getLogger(__name__)
 
 LOAD_LEDGER = "loads.log"
-_engines: dict[tuple, object] = {}
+_models: dict[tuple, tuple] = {}  # (spec, gpu, dtype) -> (model, tokenizer); at most one entry
+_engines: dict[tuple, object] = {}  # ((spec, gpu, dtype), settings) -> InstructionEngine
 _engines_lock = threading.Lock()
 
 
@@ -54,8 +55,13 @@ def fetch_model_files(spec: ModelSpec, cache_root: str | None = None) -> str:
         staging = target.with_name(f"files.partial-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         started = time.perf_counter()
-        mlflow.artifacts.download_artifacts(artifact_uri=spec.uri, dst_path=str(staging))
-        os.rename(staging, target)
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=spec.uri, dst_path=str(staging))
+            os.rename(staging, target)
+        except BaseException:
+            # A killed or failed download must not leave gigabytes behind for every retry.
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         log.info("downloaded %s to %s in %.1fs", spec.uri, target, time.perf_counter() - started)
     return str(target)
 
@@ -81,22 +87,47 @@ def local_model_paths(spec: ModelSpec, cache_root: str | None = None) -> tuple[s
 
 def load_engine(spec: ModelSpec, settings, gpu_index: int | None = None, cache_root: str | None = None,
                 dtype: str | None = None):
-    """The InstructionEngine for ``spec``, loaded at most once per process and reused after."""
+    """The InstructionEngine for ``spec`` and ``settings``. The model is loaded at most once per
+    process and shared by the engines of every settings; a different model (another version,
+    device or dtype) replaces it rather than sitting beside it in GPU memory."""
     from dolly_spark.engine import InstructionEngine
 
-    key = (spec, settings, gpu_index, dtype)
+    model_key = (spec, gpu_index, dtype)
     with _engines_lock:
-        engine = _engines.get(key)
+        engine = _engines.get((model_key, settings))
         if engine is None:
-            started = time.perf_counter()
-            model_path, tokenizer_path = local_model_paths(spec, cache_root)
-            engine = InstructionEngine.from_pretrained(
-                model_path, spec.prompt_format, settings, gpu_index=gpu_index, tokenizer_path=tokenizer_path,
-                dtype=dtype,
-            )
-            _engines[key] = engine
-            _record_load(spec, engine, time.perf_counter() - started, cache_root)
+            model, tokenizer = _loaded_model(model_key, cache_root)
+            engine = InstructionEngine(model, tokenizer, spec.prompt_format, settings)
+            _engines[(model_key, settings)] = engine
     return engine
+
+
+def _loaded_model(model_key: tuple, cache_root: str | None):
+    from dolly_spark.engine import InstructionEngine
+
+    if model_key not in _models:
+        _models.clear()
+        _engines.clear()
+        _release_accelerator_memory()
+        spec, gpu_index, dtype = model_key
+        started = time.perf_counter()
+        model_path, tokenizer_path = local_model_paths(spec, cache_root)
+        loaded = InstructionEngine.from_pretrained(
+            model_path, spec.prompt_format, gpu_index=gpu_index, tokenizer_path=tokenizer_path, dtype=dtype
+        )
+        _models[model_key] = (loaded.model, loaded.tokenizer)
+        _record_load(spec, loaded, time.perf_counter() - started, cache_root)
+    return _models[model_key]
+
+
+def _release_accelerator_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _record_load(spec: ModelSpec, engine, seconds: float, cache_root: str | None) -> None:

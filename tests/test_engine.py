@@ -138,6 +138,27 @@ def test_empty_answer_is_flagged(taught_model):
     assert result.response is None and result.finish_reason == "stop" and "empty response" in result.error
 
 
+def test_a_new_instruction_key_ends_the_answer(taught_model):
+    model, tokenizer = taught_model
+    engine = engine_for(taught_model, max_new_tokens=20)
+    instruction_id = tokenizer.convert_tokens_to_ids("### Instruction:")
+    original = model.generate
+
+    def answer_then_start_a_new_instruction(**kwargs):
+        output = original(**kwargs)
+        output[:, kwargs["input_ids"].shape[1] + 2] = instruction_id
+        return output
+
+    engine.model.generate = answer_then_start_a_new_instruction
+    try:
+        result = engine.run(*taught_rows("long"))[0]
+    finally:
+        del engine.model.generate
+    assert result.finish_reason == "stop" and result.completion_tokens == 3
+    assert result.response == tokenizer.decode(tokenizer("one two three")["input_ids"][:2]).strip()
+    assert instruction_id in engine.stop_ids
+
+
 def test_sampling_is_seeded_per_row_key(tiny_model):
     engine = engine_for(tiny_model, max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.95)
     alone = engine.run(["Tell me a story."], keys=["ticket-7"])[0]
@@ -199,3 +220,5 @@ def test_settings_are_checked():
         GenerationSettings(on_overlong="ignore")
     with pytest.raises(ValueError, match="strategy"):
         GenerationSettings(strategy="magic")
+    with pytest.raises(ValueError, match="top_p=0"):
+        GenerationSettings(temperature=0.7, top_p=0)

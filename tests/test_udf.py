@@ -68,15 +68,17 @@ def test_per_row_instructions_from_a_column(spark, registered_tiny):
     assert rows[1]["response"]["finish_reason"] == "error"
 
 
-def test_model_loads_once_per_python_worker(spark, registered_tiny):
-    name, version = registered_tiny
+def test_model_loads_once_per_python_worker(spark, registered_tiny, tiny_model):
+    from dolly_spark.registry import log_and_register
+
+    name, _ = registered_tiny
+    # A version no worker has seen yet, so every worker that runs a task has to load it.
+    version = log_and_register(*tiny_model, name, "dolly")
     spec = resolve_model(f"models:/{name}/{version}")
     ledger = version_cache_dir(spec) / LOAD_LEDGER
     before = ledger.read_text().splitlines() if ledger.exists() else []
     df = spark.range(64).repartition(8).select(F.concat(F.lit("ticket "), F.col("id").cast("string")).alias("body"))
-    # Settings no earlier test used, so every worker has to load this engine afresh.
-    out = apply_instruction(df, INSTRUCTION, input_col="body", model_uri=spec.uri, max_new_tokens=2,
-                            token_budget=4321)
+    out = apply_instruction(df, INSTRUCTION, input_col="body", model_uri=spec.uri, max_new_tokens=2)
     assert out.rdd.getNumPartitions() == 8
     assert out.where(F.col("response.finish_reason") != "error").count() == 64
     new_loads = ledger.read_text().splitlines()[len(before):]

@@ -40,27 +40,32 @@ class Validation:
     skipped: Counter = field(default_factory=Counter)
 
 
-def load_records(train_data: str, spark: Any = None) -> tuple[list[dict[str, Any]], RecordSource]:
-    """Records from a JSONL path, a Delta table name, or the dolly-15k hub dataset."""
+def load_records(train_data: str, spark: Any = None, delta_version_as_of: int | None = None
+                 ) -> tuple[list[dict[str, Any]], RecordSource]:
+    """Records from a JSON Lines path, a Delta table name (its latest version, or
+    ``delta_version_as_of``), or the dolly-15k hub dataset."""
     path = Path(train_data).expanduser()
     if path.suffix in (".jsonl", ".json") or path.exists():
         if not path.exists():
             raise FileNotFoundError(f"training data file {str(path)!r} does not exist")
         raw = path.read_bytes()
-        records = [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
+        try:
+            records = [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not JSON Lines (one JSON record per line): {exc}") from exc
         return records, RecordSource("jsonl", str(path.resolve()), hashlib.sha256(raw).hexdigest())
     if train_data == HUB_DATASET:
         return _load_hub_dataset(train_data)
-    return _load_delta_table(train_data, spark)
+    return _load_delta_table(train_data, spark, delta_version_as_of)
 
 
-def _load_delta_table(table: str, spark: Any) -> tuple[list[dict[str, Any]], RecordSource]:
+def _load_delta_table(table: str, spark: Any, version_as_of: int | None) -> tuple[list[dict[str, Any]], RecordSource]:
     from dolly_spark.tables import delta_version, get_spark, require_columns, require_table
 
     spark = spark or get_spark("dolly_spark-finetune")
     df = require_table(spark, table, "training table")
     require_columns(df, {"instruction column": "instruction", "response column": "response"}, f"table {table!r}")
-    version = delta_version(spark, table)
+    version = delta_version(spark, table) if version_as_of is None else version_as_of
     # Read the version we record, so the run's lineage names exactly the data it trained on.
     snapshot = spark.read.option("versionAsOf", version).table(table)
     columns = [c for c in FIELDS if c in snapshot.columns]
@@ -114,7 +119,9 @@ def stratified_split(records: list[dict[str, str]], eval_fraction: float, seed: 
         by_category[record["category"]].append(record)
     train, held_out = [], []
     for category in sorted(by_category):
-        group = list(by_category[category])
+        # Sorted first, so the split depends on the records and the seed, not on the order a
+        # table scan returned them in.
+        group = sorted(by_category[category], key=lambda r: (r["instruction"], r["context"], r["response"]))
         rng.shuffle(group)
         count = round(len(group) * eval_fraction) if eval_fraction > 0 else 0
         if eval_fraction > 0 and len(group) >= 2:

@@ -42,9 +42,21 @@ class PromotionReport:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def held_out_records(config: EvaluateConfig, spark: Any = None) -> list[dict[str, str]]:
-    """The records the fine-tune held out (same data, fraction and seed give the same split)."""
-    records, _ = load_records(config.eval_data, spark)
+def held_out_records(config: EvaluateConfig, spark: Any = None, trained_on: dict[str, Any] | None = None
+                     ) -> list[dict[str, str]]:
+    """The records the fine-tune held out: the same data, fraction and seed give the same split.
+    When ``eval_data`` is the Delta table the challenger was trained on (``trained_on``: its
+    model metadata), the version it was trained on is read, so rows appended since cannot
+    reshuffle training records into the held-out set."""
+    trained_on = trained_on or {}
+    version = None
+    if trained_on.get("train_data") == config.eval_data and str(trained_on.get("train_data_version", "")).isdigit():
+        version = int(trained_on["train_data_version"])
+    records, source = load_records(config.eval_data, spark, delta_version_as_of=version)
+    if trained_on.get("train_data") == source.name and trained_on.get("train_data_version") != source.version:
+        log.warning("%s changed since the challenger was trained on it (version %s, now %s): the held-out "
+                    "split may include training records", source.name, trained_on.get("train_data_version"),
+                    source.version)
     kept = validate_records(records).kept
     if config.eval_fraction >= 1.0:
         return kept[: config.max_eval_records]
@@ -70,7 +82,8 @@ def run_evaluate_and_promote(config: EvaluateConfig, spark: Any = None) -> Promo
     if challenger is None:
         raise ValueError(f"registered model {config.model_name!r} has no @{CHALLENGER} alias; run the fine-tune job first")
     champion = alias_version(config.model_name, CHAMPION)
-    records = held_out_records(config, spark)
+    metadata = mlflow.models.get_model_info(f"models:/{config.model_name}/{challenger}").metadata or {}
+    records = held_out_records(config, spark, trained_on=metadata)
     if not records:
         raise ValueError(f"no held-out records in {config.eval_data!r} with eval_fraction={config.eval_fraction}")
 

@@ -163,6 +163,11 @@ def run_finetune(config: FinetuneConfig, spark: Any = None) -> FinetuneReport:
     train_set = encode_examples(tokenizer, fmt, train_records, config.max_length)
     eval_set = encode_examples(tokenizer, fmt, eval_records, config.max_length)
     skipped = {**validation.skipped, "too_long_tokens": train_set.dropped_too_long + eval_set.dropped_too_long}
+    if not train_set.examples:
+        raise ValueError(
+            f"every training example of {config.train_data!r} is longer than max_length={config.max_length} "
+            f"tokens ({train_set.dropped_too_long} dropped); raise --max-length"
+        )
     scored = eval_records[: config.max_eval_records]
 
     with mlflow.start_run(run_name=f"finetune-{config.model_name}") as run:
