@@ -96,28 +96,30 @@ def load_engine(spec: ModelSpec, settings, gpu_index: int | None = None, cache_r
     with _engines_lock:
         engine = _engines.get((model_key, settings))
         if engine is None:
-            model, tokenizer = _loaded_model(model_key, cache_root)
-            engine = InstructionEngine(model, tokenizer, spec.prompt_format, settings)
+            if model_key in _models:
+                engine = InstructionEngine(*_models[model_key], spec.prompt_format, settings)
+            else:
+                engine = _load(model_key, settings, cache_root)
+                _models[model_key] = (engine.model, engine.tokenizer)
             _engines[(model_key, settings)] = engine
     return engine
 
 
-def _loaded_model(model_key: tuple, cache_root: str | None):
+def _load(model_key: tuple, settings, cache_root: str | None):
+    """Load a model, after dropping the one loaded before (there is at most one per process)."""
     from dolly_spark.engine import InstructionEngine
 
-    if model_key not in _models:
-        _models.clear()
-        _engines.clear()
-        _release_accelerator_memory()
-        spec, gpu_index, dtype = model_key
-        started = time.perf_counter()
-        model_path, tokenizer_path = local_model_paths(spec, cache_root)
-        loaded = InstructionEngine.from_pretrained(
-            model_path, spec.prompt_format, gpu_index=gpu_index, tokenizer_path=tokenizer_path, dtype=dtype
-        )
-        _models[model_key] = (loaded.model, loaded.tokenizer)
-        _record_load(spec, loaded, time.perf_counter() - started, cache_root)
-    return _models[model_key]
+    _models.clear()
+    _engines.clear()
+    _release_accelerator_memory()
+    spec, gpu_index, dtype = model_key
+    started = time.perf_counter()
+    model_path, tokenizer_path = local_model_paths(spec, cache_root)
+    engine = InstructionEngine.from_pretrained(
+        model_path, spec.prompt_format, settings, gpu_index=gpu_index, tokenizer_path=tokenizer_path, dtype=dtype
+    )
+    _record_load(spec, engine, time.perf_counter() - started, cache_root)
+    return engine
 
 
 def _release_accelerator_memory() -> None:
