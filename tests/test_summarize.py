@@ -5,7 +5,6 @@ import re
 
 import pytest
 from mlflow.tracking import MlflowClient
-from pyspark.sql import functions as F
 
 from conftest import no_jobs_ran
 from dolly_spark import summarize
