@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from dolly_spark.devices import is_out_of_memory, select_device, select_dtype
+from dolly_spark.ragged_attention import CacheLayout, ragged_attention
 from dolly_spark.prompts import (
     DOLLY_SPECIAL_TOKENS,
     PromptFormat,
@@ -408,13 +408,14 @@ class InstructionEngine:
             if cache is None:
                 # A preallocated cache: a growing one copies itself at every decoding step.
                 config.cache_implementation = "static"
-            output = self.model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention.to(self.device),
-                generation_config=config,
-                logits_processor=processors,
-                **({"cache": cache} if cache is not None else {}),
-            )
+            with ragged_attention(self.model, self._cache_layout(groups, longest, prefilled=cache is not None)):
+                output = self.model.generate(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=attention.to(self.device),
+                    generation_config=config,
+                    logits_processor=processors,
+                    **({"cache": cache} if cache is not None else {}),
+                )
         steps = output.shape[1] - longest
         self.stats.micro_batches.append((len(batch), longest))
         for group in groups:  # the batch is sorted longest first, and so is each group
@@ -422,6 +423,17 @@ class InstructionEngine:
             self.stats.padded_prompt_tokens += len(group) * len(group[0].ids)
         self.stats.generated_slots += len(batch) * steps
         return output[:, longest:].tolist()
+
+    @staticmethod
+    def _cache_layout(groups: list[list[_Prepared]], longest: int, prefilled: bool) -> CacheLayout:
+        """Each prefill group's live cache columns: its left padding and unwritten slots are
+        skipped by the ragged attention. ``prefilled``: the cache holds every prompt token but
+        the last; otherwise ``generate`` writes the whole prompt before the first decoding step."""
+        runs, first = [], 0
+        for group in groups:
+            runs.append((first, first + len(group), longest - len(group[0].ids)))
+            first += len(group)
+        return CacheLayout(runs, written=longest - 1 if prefilled else longest)
 
     def _left_padded(self, rows: list[_Prepared], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
@@ -437,7 +449,10 @@ class InstructionEngine:
         is preallocated for the whole generation, so decoding steps write into it in place."""
         from transformers import StaticCache
 
-        per_group: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # group → layer → (keys, values)
+        # Per layer, the keys and values of every row, left-padded to ``longest - 1`` positions:
+        # each group's states are copied once into their rows, nothing is padded or concatenated.
+        layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        total_rows, first_row = sum(len(group) for group in groups), 0
         for group in groups:
             length = len(group[0].ids)
             ids, mask = self._left_padded(group, length)
@@ -449,12 +464,19 @@ class InstructionEngine:
             # prompt position, a fifth of the prefill's FLOPs for a small model.
             out = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
                              use_cache=True, logits_to_keep=1)
-            shift = longest - length
-            per_group.append([(F.pad(layer.keys, (0, 0, shift, 0)), F.pad(layer.values, (0, 0, shift, 0)))
-                              for layer in out.past_key_values.layers])
+            rows, shift = slice(first_row, first_row + len(group)), longest - length
+            for index, layer in enumerate(out.past_key_values.layers):
+                if len(layers) <= index:  # first group: allocate the layer's padded states
+                    layers.append(tuple(states.new_empty((total_rows, states.shape[1], longest - 1, states.shape[3]))
+                                        for states in (layer.keys, layer.values)))
+                for padded, states in zip(layers[index], (layer.keys, layer.values)):
+                    # Padding is masked out, but must be finite: a masked NaN still poisons the sum.
+                    padded[rows, :, :shift] = 0
+                    padded[rows, :, shift:] = states
+            first_row += len(group)
         cache = StaticCache(config=self.model.config, max_cache_len=longest - 1 + self.settings.max_new_tokens)
-        for index, layer in enumerate(zip(*per_group)):
-            cache.update(torch.cat([keys for keys, _ in layer]), torch.cat([values for _, values in layer]), index)
+        for index, (keys, values) in enumerate(layers):
+            cache.update(keys, values, index)
         return cache
 
     def _generate_continuous(self, batch: list[_Prepared]) -> list[list[int]]:

@@ -95,6 +95,21 @@ def tiny_model(tiny_model_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model):
+    """(model, tokenizer): a random two-layer Llama with grouped-query attention (the demo model's
+    architecture), sharing the tiny tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer = tiny_model
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
 @pytest.fixture(scope="module")
 def registered_tiny(mlflow_registry, tiny_model):
     """The tiny model registered as version 1 of "tiny_dolly" with alias champion."""

@@ -196,17 +196,9 @@ def test_continuous_batching_falls_back_where_unsupported(tiny_model):
     assert [r.response for r in results] == [r.response for r in static]
 
 
-def test_continuous_batching_matches_static_on_llama(tiny_model):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    _, tokenizer = tiny_model
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    llama = (LlamaForCausalLM(config).eval(), tokenizer)
-    static = engine_for(llama, max_new_tokens=8).run(LENGTHS_INSTRUCTIONS[:4], LENGTHS_CONTEXTS[:4])
-    continuous = engine_for(llama, max_new_tokens=8, strategy="continuous")
+def test_continuous_batching_matches_static_on_llama(tiny_llama):
+    static = engine_for(tiny_llama, max_new_tokens=8).run(LENGTHS_INSTRUCTIONS[:4], LENGTHS_CONTEXTS[:4])
+    continuous = engine_for(tiny_llama, max_new_tokens=8, strategy="continuous")
     results = continuous.run(LENGTHS_INSTRUCTIONS[:4], LENGTHS_CONTEXTS[:4])
     assert continuous._strategy == "continuous"
     assert [r.response for r in results] == [r.response for r in static]

@@ -1,0 +1,68 @@
+"""Decoding over only the live part of the cache gives the same answers as plain SDPA."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+import dolly_spark.engine as engine_module
+import dolly_spark.ragged_attention as ragged
+from dolly_spark.engine import GenerationSettings, InstructionEngine
+from dolly_spark.ragged_attention import CacheLayout
+from test_engine import LENGTHS_CONTEXTS, LENGTHS_INSTRUCTIONS
+
+MAX_NEW_TOKENS = 10
+
+
+@pytest.fixture(params=["gpt_neox", "llama"])
+def model_and_tokenizer(request, tiny_model, tiny_llama):
+    """Dolly's architecture (one key/value head per query head) and the demo model's (grouped)."""
+    return tiny_model if request.param == "gpt_neox" else tiny_llama
+
+
+def run_engine(model_and_tokenizer, min_length_ratio: float):
+    model, tokenizer = model_and_tokenizer
+    engine = InstructionEngine(model, tokenizer, "dolly", GenerationSettings(
+        max_new_tokens=MAX_NEW_TOKENS, token_budget=100_000, min_length_ratio=min_length_ratio))
+    results = engine.run(LENGTHS_INSTRUCTIONS, LENGTHS_CONTEXTS)
+    return engine, [(r.response, r.finish_reason, r.completion_tokens) for r in results]
+
+
+@pytest.mark.parametrize("min_length_ratio", [0.0, 0.75])
+def test_ragged_decoding_matches_plain_sdpa(model_and_tokenizer, min_length_ratio, monkeypatch):
+    model, _ = model_and_tokenizer
+    assert model.config._attn_implementation == "sdpa"
+    decode_calls: list[tuple[int, int]] = []  # (rows, key columns) handed to SDPA per decoding step
+    plain_forward = ragged.sdpa_attention_forward
+
+    def recording_forward(module, query, key, value, attention_mask, **kwargs):
+        if query.shape[2] == 1:
+            decode_calls.append((query.shape[0], key.shape[2]))
+        return plain_forward(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(ragged, "sdpa_attention_forward", recording_forward)
+    engine, ragged_results = run_engine(model_and_tokenizer, min_length_ratio)
+    assert model.config._attn_implementation == "sdpa"  # restored after generate
+
+    monkeypatch.setattr(engine_module, "ragged_attention", lambda model, layout: contextlib.nullcontext(False))
+    _, plain_results = run_engine(model_and_tokenizer, min_length_ratio)
+    assert ragged_results == plain_results
+
+    (rows, longest), = engine.stats.micro_batches
+    prefilled = min_length_ratio > 0  # groups prefilled apart: the cache holds all but the last prompt token
+    cache_columns = longest - prefilled + MAX_NEW_TOKENS
+    assert decode_calls and all(columns <= cache_columns for _, columns in decode_calls)
+    if prefilled:
+        # Each group's first step reads exactly its longest prompt's columns: no left padding
+        # of the longer groups, no slot of a token not generated yet.
+        assert len(engine.stats.prefill_groups) > 1
+        assert set(engine.stats.prefill_groups) <= set(decode_calls)
+    else:
+        assert {count for count, _ in decode_calls} == {rows}
+        assert min(columns for _, columns in decode_calls) == longest + 1
+
+
+def test_layout_counts_steps_per_layer():
+    layout = CacheLayout(runs=[(0, 2, 0), (2, 3, 5)], written=7)
+    assert [layout.live_end(0), layout.live_end(1), layout.live_end(0), layout.live_end(1)] == [8, 8, 9, 9]
+    assert layout.live_end(None) is None
