@@ -15,7 +15,7 @@ they are mostly model loading.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 from pyspark.sql import DataFrame, SparkSession
@@ -218,6 +218,7 @@ def run_bare_engine(engine: InstructionEngine, rows: BenchRows, arrow_batch_rows
     stats = engine.stats
     # The same replay that gives (a) its padding waste, checked here against the real counters.
     replayed = replay_stats(single_run_rows(results), engine.settings, len(results))
+    phases = prefill_and_decode_split(engine, rows.bodies, seconds, results)
     return VariantResult(
         ENGINE, len(results), seconds,
         prompt_tokens=sum(r.prompt_tokens for r in results),
@@ -227,8 +228,22 @@ def run_bare_engine(engine: InstructionEngine, rows: BenchRows, arrow_batch_rows
         extra={"micro_batches": stats.micro_batches, "generate_seconds": stats.generate_seconds,
                "finish_reasons": _histogram(r.finish_reason for r in results),
                "padding_replay_matches_engine_stats": abs(replayed.padding_waste - stats.padding_waste) < 1e-9,
-               "loads_note": "loaded once in the driver before the warm-up"},
+               "loads_note": "loaded once in the driver before the warm-up", "phases": phases},
     )
+
+
+def prefill_and_decode_split(engine: InstructionEngine, bodies: list[str], seconds: float,
+                             results: list[Any]) -> dict[str, Any]:
+    """Where (d)'s time goes: the same rows again with max_new_tokens=1 (the prompts' prefill
+    and the first token) on the same model; the rest of (d)'s time decoded the other tokens."""
+    first_token_only = InstructionEngine(engine.model, engine.tokenizer, engine.format,
+                                         replace(engine.settings, max_new_tokens=1))
+    _, prefill_seconds = _timed(lambda: first_token_only.run([INSTRUCTION] * len(bodies), bodies,
+                                                             require_context=True))
+    answered = [r for r in results if r.completion_tokens]
+    return {"prefill_seconds": prefill_seconds, "prefill_tokens": sum(r.prompt_tokens for r in answered),
+            "decode_seconds": seconds - prefill_seconds,
+            "decode_tokens": sum(r.completion_tokens - 1 for r in answered)}
 
 
 def probe_worker_threads(spark: SparkSession, partitions: int = 2) -> list[dict[str, Any]]:
