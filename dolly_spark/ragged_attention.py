@@ -57,7 +57,7 @@ def ragged_attention(model: Any, layout: CacheLayout) -> Iterator[bool]:
     with the ragged attention over ``layout``; other models are left as they are. Yields whether
     the ragged attention is in use. The model's own setting is restored on the way out."""
     switched = getattr(model.config, "_attn_implementation", None) == "sdpa" and hasattr(
-        model, "set_attn_implementation")
+        model, "set_attn_implementation") and not _has_sliding_window(model.config)
     if switched:
         model.set_attn_implementation(RAGGED_SDPA)
         switched = model.config._attn_implementation == RAGGED_SDPA
@@ -70,6 +70,13 @@ def ragged_attention(model: Any, layout: CacheLayout) -> Iterator[bool]:
             model.set_attn_implementation("sdpa")
 
 
+def _has_sliding_window(config: Any) -> bool:
+    """A sliding-window layer keeps a rolling buffer whose columns are not absolute positions,
+    so the live columns cannot be cut by position there."""
+    layer_types = getattr(config, "layer_types", None) or []
+    return bool(getattr(config, "sliding_window", None)) or any(kind != "full_attention" for kind in layer_types)
+
+
 def ragged_sdpa_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -80,7 +87,8 @@ def ragged_sdpa_forward(
 ) -> tuple[torch.Tensor, None]:
     layout = _layout.get()
     if (layout is None or query.shape[2] != 1 or query.shape[0] != layout.runs[-1][1]
-            or (attention_mask is not None and attention_mask.shape[-1] != key.shape[2])):
+            or (attention_mask is not None and attention_mask.shape[-1] != key.shape[2])
+            or kwargs.get("position_bias") is not None):  # a bias over the columns is not cut here
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     end = layout.live_end(getattr(module, "layer_idx", None))
     if end is None or end > key.shape[2]:

@@ -66,3 +66,19 @@ def test_layout_counts_steps_per_layer():
     layout = CacheLayout(runs=[(0, 2, 0), (2, 3, 5)], written=7)
     assert [layout.live_end(0), layout.live_end(1), layout.live_end(0), layout.live_end(1)] == [8, 8, 9, 9]
     assert layout.live_end(None) is None
+
+
+def test_sliding_window_models_keep_plain_sdpa(tiny_model):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    _, tokenizer = tiny_model
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=128, sliding_window=64)
+    mistral = MistralForCausalLM(config).eval()
+    layout = CacheLayout(runs=[(0, 1, 0)], written=4)
+    with ragged.ragged_attention(mistral, layout) as switched:
+        assert not switched and mistral.config._attn_implementation == "sdpa"
+    llama_like = MistralForCausalLM(MistralConfig(**{**config.to_dict(), "sliding_window": None})).eval()
+    with ragged.ragged_attention(llama_like, layout) as switched:
+        assert switched and llama_like.config._attn_implementation == ragged.RAGGED_SDPA
+    assert llama_like.config._attn_implementation == "sdpa"
