@@ -15,6 +15,7 @@ prefill, a batch of another shape) go to plain SDPA unchanged.
 from __future__ import annotations
 
 import contextlib
+import threading
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -51,23 +52,43 @@ class CacheLayout:
 _layout: ContextVar[CacheLayout | None] = ContextVar("dolly_spark_cache_layout", default=None)
 
 
+# Models switched to the ragged attention, by id, with how many generate calls are using them:
+# engines in several threads may share one model, and only the last one out restores SDPA.
+_switch_lock = threading.Lock()
+_users: dict[int, int] = {}
+
+
 @contextlib.contextmanager
 def ragged_attention(model: Any, layout: CacheLayout) -> Iterator[bool]:
     """For the duration of the block (one ``generate`` call), a model that runs on SDPA decodes
     with the ragged attention over ``layout``; other models are left as they are. Yields whether
-    the ragged attention is in use. The model's own setting is restored on the way out."""
-    switched = getattr(model.config, "_attn_implementation", None) == "sdpa" and hasattr(
-        model, "set_attn_implementation") and not _has_sliding_window(model.config)
-    if switched:
-        model.set_attn_implementation(RAGGED_SDPA)
-        switched = model.config._attn_implementation == RAGGED_SDPA
-    token = _layout.set(layout)
+    the ragged attention is in use. The model's own setting is restored when the last block
+    using the model ends."""
+    with _switch_lock:
+        switched = _users.get(id(model), 0) > 0 or _can_switch(model)
+        if switched and id(model) not in _users:
+            model.set_attn_implementation(RAGGED_SDPA)
+            switched = model.config._attn_implementation == RAGGED_SDPA
+        if switched:
+            _users[id(model)] = _users.get(id(model), 0) + 1
+    token = _layout.set(layout if switched else None)
     try:
         yield switched
     finally:
         _layout.reset(token)
         if switched:
-            model.set_attn_implementation("sdpa")
+            with _switch_lock:
+                _users[id(model)] -= 1
+                if not _users[id(model)]:
+                    del _users[id(model)]
+                    model.set_attn_implementation("sdpa")
+
+
+def _can_switch(model: Any) -> bool:
+    config = model.config
+    return (getattr(config, "_attn_implementation", None) == "sdpa" and hasattr(model, "set_attn_implementation")
+            # one implementation for the whole model: nothing to restore per sub-model
+            and not getattr(config, "sub_configs", None) and not _has_sliding_window(config))
 
 
 def _has_sliding_window(config: Any) -> bool:
@@ -88,7 +109,8 @@ def ragged_sdpa_forward(
     layout = _layout.get()
     if (layout is None or query.shape[2] != 1 or query.shape[0] != layout.runs[-1][1]
             or (attention_mask is not None and attention_mask.shape[-1] != key.shape[2])
-            or kwargs.get("position_bias") is not None):  # a bias over the columns is not cut here
+            or kwargs.get("position_bias") is not None  # a bias over the columns is not cut here
+            or torch.compiler.is_compiling()):  # the host-side step count does not run in a graph
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     end = layout.live_end(getattr(module, "layer_idx", None))
     if end is None or end > key.shape[2]:

@@ -82,3 +82,32 @@ def test_sliding_window_models_keep_plain_sdpa(tiny_model):
     with ragged.ragged_attention(llama_like, layout) as switched:
         assert switched and llama_like.config._attn_implementation == ragged.RAGGED_SDPA
     assert llama_like.config._attn_implementation == "sdpa"
+
+
+def test_a_model_shared_across_threads_stays_switched_until_the_last_user_leaves(tiny_llama):
+    """Engines in two threads may decode on one model at once: the first one done must not
+    switch the model back to plain SDPA under the other, whose layout would then miss steps."""
+    import threading
+
+    model, _ = tiny_llama
+    entered, release = threading.Event(), threading.Event()
+    seen_in_thread = []
+
+    def other_engine():
+        with ragged.ragged_attention(model, CacheLayout(runs=[(0, 2, 0)], written=3)) as switched:
+            seen_in_thread.append((switched, ragged._layout.get().written))
+            entered.set()
+            release.wait(timeout=10)
+            seen_in_thread.append(model.config._attn_implementation)
+
+    with ragged.ragged_attention(model, CacheLayout(runs=[(0, 1, 0)], written=7)) as switched:
+        assert switched
+        thread = threading.Thread(target=other_engine)
+        thread.start()
+        assert entered.wait(timeout=10)
+        assert ragged._layout.get().written == 7  # each thread sees its own layout
+    assert model.config._attn_implementation == ragged.RAGGED_SDPA  # the other thread is still decoding
+    release.set()
+    thread.join(timeout=10)
+    assert seen_in_thread == [(True, 3), ragged.RAGGED_SDPA]
+    assert model.config._attn_implementation == "sdpa" and not ragged._users
