@@ -17,7 +17,6 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from dolly_spark.devices import is_out_of_memory, select_device, select_dtype
-from dolly_spark.ragged_attention import CacheLayout, ragged_attention
 from dolly_spark.prompts import (
     DOLLY_SPECIAL_TOKENS,
     PromptFormat,
@@ -26,6 +25,7 @@ from dolly_spark.prompts import (
     has_context,
     infer_format_name,
 )
+from dolly_spark.ragged_attention import CacheLayout, ragged_attention
 
 log = logging.getLogger(__name__)
 
