@@ -166,17 +166,12 @@ def log_and_register(
     ``alias`` at it, and return the version.
 
     The metadata records the prompt format, so ``apply_instruction`` picks it without being
-    told; a prompt template makes plain ``mlflow.pyfunc`` callers get the same prompt.
+    told. The prompt template, stop tokens and tokenization recorded with the model give plain
+    ``mlflow.pyfunc`` callers the answers ``apply_instruction`` gives to instructions without
+    input; only user text that spells a special token differs (the pipeline reads it as one).
     """
     from mlflow.models import infer_signature
 
-    from dolly_spark.prompts import get_format
-
-    template = None
-    if prompt_format != "chat":
-        # MLflow fills {prompt} with the caller's text; braces in our template are literal.
-        template = get_format(prompt_format).prompt("\x00").replace("{", "{{").replace("}", "}}")
-        template = template.replace("\x00", "{prompt}")
     signature = infer_signature(["What is Spark?"], ["A distributed engine."], params={"max_new_tokens": max_new_tokens})
     started_here = mlflow.active_run() is None
     if started_here:
@@ -187,10 +182,19 @@ def log_and_register(
             name="model",
             task="text-generation",
             signature=signature,
-            prompt_template=template,
-            # Greedy unless a caller asks otherwise: the text-generation pipeline would
-            # otherwise sample with the model's default temperature.
-            model_config={"do_sample": False, "max_new_tokens": max_new_tokens},
+            prompt_template=_prompt_template(prompt_format, tokenizer),
+            model_config={
+                # Greedy unless a caller asks otherwise: the text-generation pipeline would
+                # otherwise sample with the model's default temperature.
+                "do_sample": False,
+                "max_new_tokens": max_new_tokens,
+                # The pipeline tokenizes the filled template with the tokenizer's defaults, which
+                # for some tokenizers prepend a BOS; the prompt already holds all the special
+                # tokens it needs (a chat template writes its own BOS), as the engine encodes it.
+                "add_special_tokens": False,
+                # The pipeline would stop on the generation config's EOS only.
+                "eos_token_id": _stop_token_ids(model, tokenizer, prompt_format),
+            },
             metadata={"prompt_format": prompt_format, **(metadata or {})},
             registered_model_name=registered_name,
             # Stated, not inferred: inference imports optional packages (torchvision) that a
@@ -207,10 +211,49 @@ def log_and_register(
     return version
 
 
+def _prompt_template(prompt_format: str, tokenizer: Any) -> str:
+    """The engine's prompt for an instruction without input, as an MLflow prompt template: plain
+    ``mlflow.pyfunc`` callers get the prompt ``apply_instruction`` builds."""
+    from dolly_spark.prompts import get_format
+
+    sentinel = "\x00"
+    text = get_format(prompt_format, tokenizer).prompt(sentinel)
+    if text.count(sentinel) != 1:
+        raise ValueError(f"the {prompt_format!r} prompt format does not show the instruction exactly once")
+    # MLflow fills {prompt} with str.format, so the template's own braces must be literal.
+    return text.replace("{", "{{").replace("}", "}}").replace(sentinel, "{prompt}")
+
+
+def _stop_token_ids(model: Any, tokenizer: Any, prompt_format: str) -> list[int]:
+    """The tokens the engine stops on: the model's and the tokenizer's EOS, and the Dolly keys
+    for the Dolly format."""
+    from dolly_spark.prompts import DOLLY_SPECIAL_TOKENS
+
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        ids.update([value] if isinstance(value, int) else value or [])
+    if prompt_format == "dolly":
+        for key in DOLLY_SPECIAL_TOKENS:
+            token_id = tokenizer.convert_tokens_to_ids(key)
+            if isinstance(token_id, int) and token_id >= 0 and token_id != tokenizer.unk_token_id:
+                ids.add(token_id)
+    return sorted(ids)
+
+
 def _pip_requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [f"{package}=={version(package)}" for package in ("transformers", "torch", "accelerate", "tokenizers")]
+    return [_requirement(package, version(package)) for package in ("transformers", "torch", "accelerate", "tokenizers")]
+
+
+def _requirement(package: str, installed: str) -> str:
+    """``package==version`` without the version's local part (``torch==2.5.1`` for ``2.5.1+cu121``):
+    local builds such as a Databricks runtime's CUDA torch are not on PyPI, so an environment
+    rebuilt from the pins (``spark_udf(env_manager="virtualenv")``, model serving) would fail."""
+    from packaging.version import Version
+
+    return f"{package}=={Version(installed).public}"
 
 
 def alias_version(name: str, alias: str) -> str | None:
