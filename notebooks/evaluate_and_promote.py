@@ -26,6 +26,7 @@ from dolly_spark.training.evaluate import EvaluateConfig, run_evaluate_and_promo
 defaults = EvaluateConfig()
 dbutils.widgets.text("model_name", defaults.model_name, "Registered model (catalog.schema.model)")
 dbutils.widgets.text("eval_data", defaults.eval_data, "The fine-tune's train_data (its held-out share is scored)")
+dbutils.widgets.text("max_eval_records", str(defaults.max_eval_records), "Held-out records each version is scored on")
 dbutils.widgets.text("margin", str(defaults.margin), "How much better the challenger must score")
 dbutils.widgets.text("experiment", defaults.experiment, "MLflow experiment")
 
@@ -34,6 +35,7 @@ dbutils.widgets.text("experiment", defaults.experiment, "MLflow experiment")
 config = EvaluateConfig(
     model_name=dbutils.widgets.get("model_name"),
     eval_data=dbutils.widgets.get("eval_data"),
+    max_eval_records=int(dbutils.widgets.get("max_eval_records")),
     margin=float(dbutils.widgets.get("margin")),
     experiment=dbutils.widgets.get("experiment"),
 )

@@ -28,6 +28,7 @@ dbutils.widgets.text("base_model", defaults.base_model, "Base model (hub id, loc
 dbutils.widgets.text("train_data", defaults.train_data, "Training records: Delta table, JSONL path or databricks/databricks-dolly-15k")
 dbutils.widgets.text("model_name", defaults.model_name, "Registered model (catalog.schema.model)")
 dbutils.widgets.text("max_steps", str(defaults.max_steps), "Training steps")
+dbutils.widgets.text("max_eval_records", str(defaults.max_eval_records), "Held-out records scored before and after")
 dbutils.widgets.text("experiment", defaults.experiment, "MLflow experiment")
 
 # COMMAND ----------
@@ -37,6 +38,7 @@ config = FinetuneConfig(
     train_data=dbutils.widgets.get("train_data"),
     model_name=dbutils.widgets.get("model_name"),
     max_steps=int(dbutils.widgets.get("max_steps")),
+    max_eval_records=int(dbutils.widgets.get("max_eval_records")),
     experiment=dbutils.widgets.get("experiment"),
 )
 configure_mlflow(config.experiment)
