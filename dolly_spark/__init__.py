@@ -12,7 +12,7 @@ __all__ = ["apply_instruction", "configure_mlflow", "get_spark", "InstructionEng
 _LAZY = {
     "apply_instruction": "dolly_spark.udf",
     "configure_mlflow": "dolly_spark.tracking",
-    "get_spark": "dolly_spark.tables",
+    "get_spark": "dolly_spark.sessions",
     "InstructionEngine": "dolly_spark.engine",
     "GenerationSettings": "dolly_spark.engine",
 }

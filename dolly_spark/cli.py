@@ -4,6 +4,8 @@
     dolly-spark finetune  --config conf/finetune.yaml [--base-model ... --train-data ...]
     dolly-spark evaluate  --config conf/evaluate_and_promote.yaml
     dolly-spark demo      the summarize job on the embedded default, with a preview
+    dolly-spark setup-spark  put Delta Lake into this environment's spark-defaults.conf, so that
+                             `spark-submit jobs/...` works without --packages
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ def _start_job(config_cls, argv: Sequence[str] | None, prog: str, description: s
 def summarize_main(argv: Sequence[str] | None = None) -> int:
     """spark-submit jobs/summarize_tickets.py: summarize new tickets into the target table."""
     from dolly_spark.summarize import SummarizeConfig, run_summarize
-    from dolly_spark.tables import get_spark
+    from dolly_spark.sessions import get_spark
 
     config = _start_job(SummarizeConfig, argv, "summarize_tickets",
                         "Summarize support tickets from a Delta table into another, incrementally.")
@@ -53,7 +55,7 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
     """The main job on the embedded default: local Spark and Delta, the local registry, the demo model."""
     from dolly_spark.demo import ensure_demo_model_registered, ensure_sample_tickets_table
     from dolly_spark.summarize import SummarizeConfig, preview, run_summarize
-    from dolly_spark.tables import get_spark
+    from dolly_spark.sessions import get_spark
 
     started = time.perf_counter()
     config = _start_job(SummarizeConfig, [*DEMO_FLAGS, *(argv or [])],
@@ -97,11 +99,26 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def setup_spark_main(argv: Sequence[str] | None = None) -> int:
+    """Write Delta Lake's package and settings into the local Spark's spark-defaults.conf."""
+    from dolly_spark.spark_install import read_defaults, setup_spark
+
+    if argv:
+        print("usage: dolly-spark setup-spark   (no options; set SPARK_CONF_DIR to write elsewhere)")
+        return 2
+    defaults = setup_spark()
+    print(f"{defaults}:")
+    for key, value in read_defaults(defaults).items():
+        print(f"  {key} {value}")
+    return 0
+
+
 COMMANDS = {
     "summarize": summarize_main,
     "finetune": finetune_main,
     "evaluate": evaluate_main,
     "demo": demo_main,
+    "setup-spark": setup_spark_main,
 }
 
 

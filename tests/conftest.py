@@ -29,7 +29,7 @@ def project_home(tmp_path_factory) -> Path:
 def spark(project_home):
     """The session's Spark with Delta: local[2], UI off, 2 shuffle partitions, UTC. Never stopped
     between tests."""
-    from dolly_spark.tables import get_spark
+    from dolly_spark.sessions import get_spark
 
     session = get_spark(
         app_name="dolly_spark-tests",
