@@ -7,8 +7,10 @@ version's load ledger, which is how benchmarks and tests count loads across work
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import socket
 import shutil
 import threading
 import time
@@ -22,6 +24,7 @@ from dolly_spark.settings import model_cache_dir
 log = logging.getLogger(__name__)
 
 LOAD_LEDGER = "loads.log"
+DOWNLOAD_LEDGER = "downloads.log"
 _models: dict[tuple, tuple] = {}  # (spec, gpu, dtype) -> (model, tokenizer); at most one entry
 _engines: dict[tuple, object] = {}  # ((spec, gpu, dtype), settings) -> InstructionEngine
 _engines_lock = threading.Lock()
@@ -62,8 +65,20 @@ def fetch_model_files(spec: ModelSpec, cache_root: str | None = None) -> str:
             # A killed or failed download must not leave gigabytes behind for every retry.
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        log.info("downloaded %s to %s in %.1fs", spec.uri, target, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        _append_ledger(target.with_name(DOWNLOAD_LEDGER), f"pid={os.getpid()} seconds={seconds:.2f}")
+        log.info("downloaded %s to %s in %.1fs", spec.uri, target, seconds)
     return str(target)
+
+
+def stage_for_executors(spec: ModelSpec, shared_dir: str) -> ModelSpec:
+    """Download ``spec``'s files once, here on the driver, into ``shared_dir`` (a location every
+    node reads: a UC Volume, DBFS, a shared file system); return the spec executors load from
+    there, with the same name and version and no registry to call."""
+    if spec.kind != "registry":
+        return spec
+    files = fetch_model_files(spec, shared_dir)
+    return dataclasses.replace(spec, kind="local", uri=files, tracking_uri=None, registry_uri=None)
 
 
 def checkpoint_paths(model_dir: str) -> tuple[str, str]:
@@ -133,10 +148,14 @@ def _release_accelerator_memory() -> None:
 
 
 def _record_load(spec: ModelSpec, engine, seconds: float, cache_root: str | None) -> None:
-    line = f"{time.time():.3f} pid={os.getpid()} device={engine.device} seconds={seconds:.2f}\n"
-    with open(version_cache_dir(spec, cache_root) / LOAD_LEDGER, "a", encoding="utf-8") as ledger:
-        ledger.write(line)
+    _append_ledger(version_cache_dir(spec, cache_root) / LOAD_LEDGER,
+                   f"pid={os.getpid()} device={engine.device} seconds={seconds:.2f}")
     log.info("loaded %s (version %s) on %s in %.1fs", spec.name, spec.version, engine.device, seconds)
+
+
+def _append_ledger(path: Path, entry: str) -> None:
+    with open(path, "a", encoding="utf-8") as ledger:
+        ledger.write(f"{time.time():.3f} host={socket.gethostname()} {entry}\n")
 
 
 def load_count(spec: ModelSpec, cache_root: str | None = None) -> int:

@@ -7,6 +7,8 @@ in the working directory; set ``DOLLY_SPARK_HOME`` to put it elsewhere.
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from pathlib import Path
 
 HOME_ENV_VAR = "DOLLY_SPARK_HOME"
@@ -21,11 +23,59 @@ def project_home() -> Path:
 
 
 def model_cache_dir() -> Path:
-    """The node-local directory that holds downloaded model versions."""
+    """The node-local directory that holds downloaded model versions, decided where the files
+    land (on each executor, not on the driver):
+
+    1. ``$DOLLY_SPARK_MODEL_CACHE`` (on a cluster, set it with the Spark conf
+       ``spark.executorEnv.DOLLY_SPARK_MODEL_CACHE``);
+    2. ``/local_disk0/dolly_spark/model_cache`` where ``/local_disk0`` exists (Databricks nodes);
+    3. ``dolly_spark_model_cache`` in the root of Spark's local directories, inside a Spark
+       Python worker (``spark.local.dir`` / ``SPARK_LOCAL_DIRS``);
+    4. ``model_cache`` under the project home.
+    """
     configured = os.environ.get(MODEL_CACHE_ENV_VAR)
-    cache = Path(configured).expanduser().resolve() if configured else project_home() / "model_cache"
+    if configured:
+        cache = Path(configured).expanduser().resolve()
+    elif DATABRICKS_LOCAL_DISK.is_dir():
+        cache = DATABRICKS_LOCAL_DISK / "dolly_spark" / "model_cache"
+    elif spark_local_root() is not None:
+        cache = spark_local_root() / "dolly_spark_model_cache"
+    else:
+        cache = project_home() / "model_cache"
     cache.mkdir(parents=True, exist_ok=True)
+    _announce_once(cache)
     return cache
+
+
+def spark_local_root() -> Path | None:
+    """The first of Spark's local directories, in a Spark Python worker; None elsewhere.
+
+    Executors hand their Python workers per-application scratch directories
+    (``<root>/spark-<id>/executor-<id>/blockmgr-<id>``) that are deleted when the application
+    ends; the model cache lives in their root, so the next job on the node finds it.
+    """
+    local_dirs = os.environ.get("SPARK_LOCAL_DIRS")
+    if not local_dirs:
+        return None
+    path = Path(local_dirs.split(",")[0])
+    while path.name.startswith(_SPARK_SCRATCH_PREFIXES) and path.parent != path:
+        path = path.parent
+    return path
+
+
+_SPARK_SCRATCH_PREFIXES = ("blockmgr-", "executor-", "spark-")
+DATABRICKS_LOCAL_DISK = Path("/local_disk0")
+
+
+def _announce_once(cache: Path) -> None:
+    """Say where the model cache is, once per node (the first process to get here on it)."""
+    try:
+        os.close(os.open(cache / ".location-announced", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    # stderr, not logging: Spark's Python workers configure no log handler, and their stderr
+    # lands in the executor's log.
+    print(f"dolly_spark: model cache on {socket.gethostname()}: {cache}", file=sys.stderr, flush=True)
 
 
 def running_on_databricks() -> bool:

@@ -14,9 +14,10 @@ from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
 from pyspark.sql.types import BooleanType, IntegerType, StringType, StructField, StructType
 
+from dolly_spark.models import stage_for_executors
 from dolly_spark.registry import ModelSpec, resolve_model
-from dolly_spark.settings import model_cache_dir
-from dolly_spark.tables import ARROW_BATCH_CONF, require_columns
+from dolly_spark.sessions import ARROW_BATCH_CONF
+from dolly_spark.tables import require_columns
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ def apply_instruction(
     strategy: str = "static",
     arrow_batch_size: int | None = None,
     dtype: str | None = None,
+    shared_model_dir: str | None = None,
 ) -> DataFrame:
     """``df`` with one more column, ``output_col``: a struct per row with ``response``,
     ``finish_reason`` (stop | eos | length | error), ``error``, ``prompt_tokens``,
@@ -75,6 +77,13 @@ def apply_instruction(
     GPUs, fp32 on CPUs); bf16 on a CPU with AMX is several times faster than fp32, with
     slightly different greedy answers.
 
+    ``shared_model_dir`` is for clusters whose executors cannot reach the model registry (Unity
+    Catalog gives executors no registry credentials by default): the driver downloads the
+    resolved version once into that directory, which every node must be able to read (a UC
+    Volume such as ``/Volumes/main/default/models``, DBFS, a shared file system), and executors
+    load it from there without calling the registry. Without it, each node downloads the version
+    once into its own local model cache.
+
     Just the text: ``apply_instruction(df, ...).select("*", F.col("response.response").alias("text"))``.
     Raises ValueError before any Spark job when a column or the model is wrong.
     """
@@ -93,6 +102,8 @@ def apply_instruction(
         on_overlong=on_overlong, strategy=strategy,
     )
     spec = resolve_model(model_uri, prompt_format)
+    if shared_model_dir:
+        spec = stage_for_executors(spec, shared_model_dir)
     log.info("apply_instruction: %s resolved to %s (version %s, format %s)",
              model_uri, spec.uri, spec.version, spec.prompt_format or "auto")
     if arrow_batch_size:
@@ -102,8 +113,7 @@ def apply_instruction(
         from dolly_spark.devices import parse_dtype
 
         parse_dtype(dtype)  # fail on the driver, not in every task
-    generate = instruction_udf(spec, settings, str(model_cache_dir()), require_input=bool(input_col) and require_input,
-                               dtype=dtype)
+    generate = instruction_udf(spec, settings, require_input=bool(input_col) and require_input, dtype=dtype)
     context = F.col(input_col) if input_col else F.lit(None).cast("string")
     key = F.col(key_col).cast("string") if key_col else F.lit(None).cast("string")
     return df.withColumn(output_col, generate(instruction_column, context, key))
@@ -148,16 +158,16 @@ def results_frame(results, spec: ModelSpec) -> pd.DataFrame:
     return frame
 
 
-def instruction_udf(spec: ModelSpec, settings, cache_root: str, require_input: bool = False,
-                    dtype: str | None = None):
+def instruction_udf(spec: ModelSpec, settings, require_input: bool = False, dtype: str | None = None):
     """The pandas UDF (instruction, context, key) -> result struct for one resolved model.
-    With ``require_input`` a row with a null or blank input gets an error result."""
+    With ``require_input`` a row with a null or blank input gets an error result. Each executor
+    keeps the model files in its own node's cache (see ``settings.model_cache_dir``)."""
 
     @pandas_udf(RESULT_SCHEMA)
     def generate(batches: Iterator[tuple[pd.Series, pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
         from dolly_spark.models import load_engine
 
-        engine = load_engine(spec, settings, task_gpu_index(), cache_root, dtype)
+        engine = load_engine(spec, settings, task_gpu_index(), dtype=dtype)
         for instructions, contexts, keys in batches:
             results = engine.run(instructions.tolist(), contexts.tolist(), keys.tolist(), require_context=require_input)
             yield results_frame(results, spec)
