@@ -4,6 +4,11 @@ Reads a source Delta table of tickets, selects those without a result for the cu
 version in the target table, generates in chunks, and MERGEs each chunk into the target keyed
 by ticket id. A rerun with nothing new generates nothing; a crash loses at most the chunk in
 flight, and a rerun picks up exactly the tickets still missing.
+
+Everything between reading the source and the MERGE is staged in Delta tables beside the target
+(``<target>__pending``: the run's fixed set of tickets; ``<target>__staged``: each chunk's
+results), never in executor memory: a lost executor makes Spark retry tasks, and a chunk's
+results are generated once even when the MERGE has to be retried.
 """
 from __future__ import annotations
 
@@ -47,6 +52,9 @@ class SummarizeConfig:
     partitions: int = option(0, "Spark partitions a chunk is generated in (0: the default parallelism); "
                              "one per GPU or per executor core")
     retry_errors: bool = option(False, "also reprocess tickets whose result for this model version is an error")
+    shared_model_dir: str = option("", "download the model once on the driver into this directory, which every node "
+                                   "reads (a UC Volume, DBFS), for executors without registry access; "
+                                   "empty: each node downloads it into its local cache")
     experiment: str = option("dolly_spark", "MLflow experiment of the job's runs")
 
 
@@ -114,21 +122,24 @@ def run_summarize(spark: SparkSession, config: SummarizeConfig) -> SummarizeRepo
         if report.skipped_null_ids:
             log.warning("%d tickets in %s have a null %s and cannot be keyed; skipped",
                         report.skipped_null_ids, config.source_table, config.id_col)
-        pending = pending_tickets(spark, source, config, spec)
+        pending = pending_tickets(spark, source, config, spec).select(config.id_col, config.text_col)
         if config.max_rows > 0:
             pending = pending.limit(config.max_rows)
-        # Fix the set of ids once: re-evaluating a limit or an anti-join per chunk could pick
-        # other rows, and the target changes under us as chunks are merged.
-        pending_ids = pending.select(config.id_col).localCheckpoint(eager=True)
-        report.rows_pending = pending_ids.count()
+        # Fix the set of tickets once, durably: re-evaluating a limit or an anti-join per chunk
+        # could pick other rows, the target changes under us as chunks are merged, and data
+        # held by an executor is gone with it.
+        pending_table = _stage(pending, staging_table(config.target_table, "pending"), "overwrite")
+        report.rows_pending = spark.read.table(pending_table).count()
         chunks = math.ceil(report.rows_pending / max(1, config.chunk_rows))
         log.info("%d tickets of %s to summarize with %s version %s, in %d chunks",
                  report.rows_pending, config.source_table, spec.name, spec.version, chunks)
         for chunk in range(chunks):
-            ids = pending_ids.where(F.pmod(F.xxhash64(config.id_col), F.lit(chunks)) == chunk)
-            _summarize_chunk(spark, source.join(ids, config.id_col, "left_semi"), config, spec, report)
+            tickets = spark.read.table(pending_table).where(
+                F.pmod(F.xxhash64(config.id_col), F.lit(chunks)) == chunk)
+            _summarize_chunk(spark, tickets, chunk, config, spec, report)
             log.info("chunk %d/%d merged: %d rows written so far, %d errors",
                      chunk + 1, chunks, report.rows_written, report.errors)
+        _drop_staging(spark, config.target_table)
         report.wall_seconds = time.perf_counter() - started
         mlflow.log_metrics({
             "rows_read": report.rows_pending,
@@ -143,17 +154,35 @@ def run_summarize(spark: SparkSession, config: SummarizeConfig) -> SummarizeRepo
     return report
 
 
-def _summarize_chunk(spark: SparkSession, tickets: DataFrame, config: SummarizeConfig, spec: ModelSpec,
-                     report: SummarizeReport) -> None:
+def staging_table(target: str, role: str) -> str:
+    """The staging table for ``role`` ("pending" or "staged") of ``target``, in its schema."""
+    return f"{target}__{role}"
+
+
+def _stage(df: DataFrame, table: str, mode: str) -> str:
+    df.write.format("delta").mode(mode).option("overwriteSchema", "true").saveAsTable(table)
+    return table
+
+
+def _drop_staging(spark: SparkSession, target: str) -> None:
+    for role in ("pending", "staged"):
+        spark.sql(f"DROP TABLE IF EXISTS {staging_table(target, role)}")
+
+
+def _summarize_chunk(spark: SparkSession, tickets: DataFrame, chunk: int, config: SummarizeConfig,
+                     spec: ModelSpec, report: SummarizeReport) -> None:
     results = apply_instruction(
-        tickets.dropDuplicates([config.id_col]).repartition(config.partitions or _default_parallelism(spark)), config.instruction, model_uri=spec.uri, input_col=config.text_col,
-        key_col=config.id_col, output_col="_result", max_new_tokens=config.max_new_tokens,
-        prompt_format=spec.prompt_format, token_budget=config.token_budget, arrow_batch_size=config.arrow_batch_size,
+        tickets.repartition(config.partitions or _default_parallelism(spark)), config.instruction,
+        model_uri=spec.uri, input_col=config.text_col, key_col=config.id_col, output_col="_result",
+        max_new_tokens=config.max_new_tokens, prompt_format=spec.prompt_format, token_budget=config.token_budget,
+        arrow_batch_size=config.arrow_batch_size, shared_model_dir=config.shared_model_dir or None,
     )
-    flat = results.select(config.id_col, "_result.*", F.current_timestamp().alias("processed_at"))
-    # Generate exactly once: MERGE may read its source more than once, and the metrics below
-    # read it again.
-    staged = flat.localCheckpoint(eager=True)
+    flat = results.select(config.id_col, "_result.*", F.current_timestamp().alias("processed_at"),
+                          F.lit(chunk).alias("_chunk"))
+    # Generate exactly once: the results land in Delta before the MERGE reads them (a MERGE may
+    # read its source more than once, and may be retried after a lost executor).
+    staged_table = _stage(flat, staging_table(config.target_table, "staged"), "overwrite" if chunk == 0 else "append")
+    staged = spark.read.table(staged_table).where(F.col("_chunk") == chunk).drop("_chunk")
     merge_on_keys(spark, staged, config.target_table, [config.id_col])
     totals = staged.agg(
         F.count(F.lit(1)).alias("rows"),

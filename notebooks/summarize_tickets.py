@@ -32,6 +32,8 @@ dbutils.widgets.text("text_col", defaults.text_col, "Ticket text column")
 dbutils.widgets.text("max_new_tokens", str(defaults.max_new_tokens), "Longest summary (tokens)")
 dbutils.widgets.text("max_rows", str(defaults.max_rows), "Most tickets this run (0: all pending)")
 dbutils.widgets.text("experiment", defaults.experiment, "MLflow experiment")
+dbutils.widgets.text("shared_model_dir", defaults.shared_model_dir,
+                     "Model files for executors without registry access (a UC Volume path; empty: none)")
 
 # COMMAND ----------
 
@@ -45,6 +47,7 @@ config = SummarizeConfig(
     max_new_tokens=int(dbutils.widgets.get("max_new_tokens")),
     max_rows=int(dbutils.widgets.get("max_rows")),
     experiment=dbutils.widgets.get("experiment"),
+    shared_model_dir=dbutils.widgets.get("shared_model_dir"),
 )
 configure_mlflow(config.experiment)
 report = run_summarize(spark, config)
