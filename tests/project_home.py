@@ -1,0 +1,51 @@
+"""Run the README's commands as a user types them: in a shell with the venv activated, from the
+repository, against a project home of their own."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_ACTIVATE = Path(sys.executable).parent / "activate"
+
+
+def job_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a user's shell: this machine's, without the test session's Spark and
+    MLflow settings, with the project home and every Spark address on 127.0.0.1."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("PYSPARK_", "SPARK_", "MLFLOW_", "DOLLY_SPARK_", "VIRTUAL_ENV"))}
+    env.update({"DOLLY_SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1", **extra})
+    return env
+
+
+def shell_command(command: str) -> list[str]:
+    """``command`` as typed in a shell whose venv is activated (``source .venv/bin/activate``)."""
+    return ["bash", "-c", f"source {VENV_ACTIVATE} && {command}"]
+
+
+def run_command(command: str, home: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    """Run ``command`` from the repository root; return it with its output captured."""
+    return subprocess.run(shell_command(command), cwd=REPO, env=job_env(home, **env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def start_command(command: str, home: Path, log: Path, **env: str) -> subprocess.Popen:
+    """Start ``command`` in the background, its output going to ``log``."""
+    return subprocess.Popen(shell_command(command), cwd=REPO, env=job_env(home, **env),
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
+
+
+def seed_home(home: Path, tiny_model_dir: Path) -> Path:
+    """A clean project home holding what `make demo` leaves, with the tiny model as the champion."""
+    home.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "seed_project_home.py"), str(tiny_model_dir)],
+                            cwd=REPO, env=job_env(home), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return home
+
+
+def read_delta(spark, home: Path, table: str):
+    """A table of ``home``'s warehouse, read by path (the test session has its own metastore)."""
+    return spark.read.format("delta").load(str(home / "warehouse" / table))
