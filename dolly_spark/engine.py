@@ -18,9 +18,10 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from dolly_spark.devices import is_out_of_memory, select_device, select_dtype
 from dolly_spark.prompts import (
-    DOLLY_SPECIAL_TOKENS,
     PromptFormat,
+    dolly_key_ids,
     encode_segments,
+    eos_token_ids,
     get_format,
     has_context,
     infer_format_name,
@@ -185,8 +186,8 @@ class InstructionEngine:
                 f"model's context window of {context_window(model, tokenizer)} tokens"
             )
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.key_stop_ids = self._key_stop_ids() if self.format.name == "dolly" else set()
-        self.eos_ids = self._eos_ids()
+        self.key_stop_ids = dolly_key_ids(tokenizer) if self.format.name == "dolly" else set()
+        self.eos_ids = eos_token_ids(model, tokenizer)
         self.stats = EngineStats()
         self._strategy = self.settings.strategy
 
@@ -208,26 +209,6 @@ class InstructionEngine:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=select_dtype(device, dtype)).to(device)
         return cls(model, tokenizer, prompt_format, settings)
-
-    def _key_stop_ids(self) -> set[int]:
-        """Ids of the Dolly keys in the vocabulary: ``### End`` ends an answer, and a model that
-        starts a new ``### Instruction:`` or ``### Response:`` has finished one too."""
-        ids = set()
-        for key in DOLLY_SPECIAL_TOKENS:
-            token_id = self.tokenizer.convert_tokens_to_ids(key)
-            if isinstance(token_id, int) and token_id >= 0 and token_id != self.tokenizer.unk_token_id:
-                ids.add(token_id)
-        return ids
-
-    def _eos_ids(self) -> set[int]:
-        ids = set()
-        for source in (getattr(self.model, "generation_config", None), self.tokenizer):
-            value = getattr(source, "eos_token_id", None)
-            if isinstance(value, int):
-                ids.add(value)
-            elif value:
-                ids.update(value)
-        return ids
 
     @property
     def stop_ids(self) -> list[int]:

@@ -184,3 +184,32 @@ def encode_segments(tokenizer: Any, segments: list[Segment]) -> list[int]:
                 segment.text, add_special_tokens=False, split_special_tokens=not segment.template
             )["input_ids"]
     return ids
+
+
+def dolly_key_ids(tokenizer: Any) -> set[int]:
+    """Ids of the Dolly keys in ``tokenizer``'s vocabulary: ``### End`` ends an answer, and a model
+    that starts a new ``### Instruction:`` or ``### Response:`` has finished one too."""
+    ids = set()
+    for key in DOLLY_SPECIAL_TOKENS:
+        token_id = tokenizer.convert_tokens_to_ids(key)
+        if isinstance(token_id, int) and token_id >= 0 and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    return ids
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The end-of-sequence ids of the model's generation config and of its tokenizer."""
+    ids = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    return ids
+
+
+def stop_token_ids(model: Any, tokenizer: Any, format_name: str) -> list[int]:
+    """Every token generation stops on: EOS, and for the Dolly format the Dolly keys."""
+    keys = dolly_key_ids(tokenizer) if format_name == "dolly" else set()
+    return sorted(eos_token_ids(model, tokenizer) | keys)

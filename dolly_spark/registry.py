@@ -172,6 +172,8 @@ def log_and_register(
     """
     from mlflow.models import infer_signature
 
+    from dolly_spark.prompts import stop_token_ids
+
     signature = infer_signature(["What is Spark?"], ["A distributed engine."], params={"max_new_tokens": max_new_tokens})
     started_here = mlflow.active_run() is None
     if started_here:
@@ -193,7 +195,7 @@ def log_and_register(
                 # tokens it needs (a chat template writes its own BOS), as the engine encodes it.
                 "add_special_tokens": False,
                 # The pipeline would stop on the generation config's EOS only.
-                "eos_token_id": _stop_token_ids(model, tokenizer, prompt_format),
+                "eos_token_id": stop_token_ids(model, tokenizer, prompt_format),
             },
             metadata={"prompt_format": prompt_format, **(metadata or {})},
             registered_model_name=registered_name,
@@ -222,23 +224,6 @@ def _prompt_template(prompt_format: str, tokenizer: Any) -> str:
         raise ValueError(f"the {prompt_format!r} prompt format does not show the instruction exactly once")
     # MLflow fills {prompt} with str.format, so the template's own braces must be literal.
     return text.replace("{", "{{").replace("}", "}}").replace(sentinel, "{prompt}")
-
-
-def _stop_token_ids(model: Any, tokenizer: Any, prompt_format: str) -> list[int]:
-    """The tokens the engine stops on: the model's and the tokenizer's EOS, and the Dolly keys
-    for the Dolly format."""
-    from dolly_spark.prompts import DOLLY_SPECIAL_TOKENS
-
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        ids.update([value] if isinstance(value, int) else value or [])
-    if prompt_format == "dolly":
-        for key in DOLLY_SPECIAL_TOKENS:
-            token_id = tokenizer.convert_tokens_to_ids(key)
-            if isinstance(token_id, int) and token_id >= 0 and token_id != tokenizer.unk_token_id:
-                ids.add(token_id)
-    return sorted(ids)
 
 
 def _pip_requirements() -> list[str]:

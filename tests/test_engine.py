@@ -104,7 +104,10 @@ def test_bad_input_gets_errors_and_spares_the_batch(taught_model):
     for index, word in [(1, "null"), (2, "empty"), (3, "empty")]:
         assert results[index].finish_reason == "error" and word in results[index].error
         assert results[index].response is None
-    assert results[4].truncated and results[4].error is None
+    # Truncated, not rejected: what the taught model then writes for an input it never saw may be
+    # nothing at all, which is the only error such a row may get.
+    assert results[4].truncated
+    assert results[4].error is None or results[4].error.startswith("empty response"), results[4].error
     assert results[4].prompt_tokens <= window - 20
     assert not any(results[i].truncated for i in (0, 5, 6))
 

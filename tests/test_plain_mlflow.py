@@ -8,7 +8,7 @@ from pyspark.sql import functions as F
 from dolly_spark import apply_instruction
 from dolly_spark.engine import InstructionEngine
 from dolly_spark.prompts import encode_segments, get_format
-from dolly_spark.registry import _requirement, _stop_token_ids, log_and_register
+from dolly_spark.registry import _requirement, log_and_register
 from dolly_spark.testing import TINY_CHAT_TEMPLATE, build_tiny_model
 
 INSTRUCTIONS = [
@@ -71,10 +71,12 @@ def test_plain_pyfunc_answers_equal_apply_instruction(spark, registered_chat):
     assert list(plain) == engine
 
 
-def test_registered_stop_tokens_are_the_engines(chat_model, tiny_model):
-    for (model, tokenizer), prompt_format in ((chat_model, "chat"), (tiny_model, "dolly"), (tiny_model, "plain")):
-        engine = InstructionEngine(model, tokenizer, prompt_format)
-        assert _stop_token_ids(model, tokenizer, prompt_format) == engine.stop_ids
+def test_registered_stop_tokens_are_the_engines(registered_chat, chat_model):
+    import mlflow
+
+    model, tokenizer = chat_model
+    registered = mlflow.pyfunc.load_model(registered_chat).model_config["eos_token_id"]
+    assert registered == InstructionEngine(model, tokenizer, "chat").stop_ids
 
 
 # ---------------------------------------------------------------------------------------------
