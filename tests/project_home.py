@@ -2,10 +2,13 @@
 repository, against a project home of their own."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_ACTIVATE = Path(sys.executable).parent / "activate"
@@ -31,10 +34,18 @@ def run_command(command: str, home: Path, timeout: float = 600, **env: str) -> s
                           text=True, timeout=timeout)
 
 
-def start_command(command: str, home: Path, log: Path, **env: str) -> subprocess.Popen:
-    """Start ``command`` in the background, its output going to ``log``."""
-    return subprocess.Popen(shell_command(command), cwd=REPO, env=job_env(home, **env),
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
+@contextlib.contextmanager
+def background_command(command: str, home: Path, log: Path, **env: str) -> Iterator[subprocess.Popen]:
+    """Run ``command`` in the background, its output going to ``log``; whatever happens in the
+    ``with`` block, it does not outlive it (its whole process group is killed)."""
+    process = subprocess.Popen(shell_command(command), cwd=REPO, env=job_env(home, **env), stdout=open(log, "w"),
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def seed_home(home: Path, tiny_model_dir: Path) -> Path:

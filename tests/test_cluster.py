@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from project_home import read_delta, run_command, seed_home, start_command
+from project_home import background_command, read_delta, run_command, seed_home
 from standalone_cluster import StandaloneCluster
 
 pytestmark = [
@@ -95,15 +95,15 @@ def test_summarize_job_runs_on_the_cluster_executors(spark, cluster, home):
 
 def test_run_survives_a_killed_executor(spark, cluster, home, tmp_path):
     log = tmp_path / "job.log"
-    job = start_command(" ".join([SUMMARIZE.format(master=cluster.url), "--target-table", "summaries_executor_loss",
-                                  "--chunk-rows", "10"]), home, log)
-    first_merge = home / "warehouse" / "summaries_executor_loss" / "_delta_log" / "00000000000000000001.json"
-    wait_for(first_merge.exists, "the first chunk was merged", job)
-    executors = cluster.executor_pids()
-    assert len(executors) == 2, executors
-    os.kill(executors[0], signal.SIGKILL)
-
-    assert job.wait(timeout=600) == 0, log.read_text()[-4000:]
+    command = " ".join([SUMMARIZE.format(master=cluster.url), "--target-table", "summaries_executor_loss",
+                        "--chunk-rows", "10"])
+    with background_command(command, home, log) as job:
+        first_merge = home / "warehouse" / "summaries_executor_loss" / "_delta_log" / "00000000000000000001.json"
+        wait_for(first_merge.exists, "the first chunk was merged", job)
+        executors = cluster.executor_pids()
+        assert len(executors) == 2, executors
+        os.kill(executors[0], signal.SIGKILL)
+        assert job.wait(timeout=600) == 0, log.read_text()[-4000:]
     output = log.read_text()
     assert f"{SAMPLE_TICKETS} tickets summarized" in output
     assert re.search(r"Lost executor|Executor lost|removed executor|Removing executor", output, re.I), output[-3000:]
@@ -114,14 +114,13 @@ def test_run_survives_a_killed_executor(spark, cluster, home, tmp_path):
 def test_killed_python_worker_is_retried_with_the_same_greedy_answers(spark, cluster, home, tmp_path):
     loads_before = set(ledger_lines(cluster, "loads.log"))
     log = tmp_path / "job.log"
-    job = start_command(" ".join([SUMMARIZE.format(master=cluster.url), "--target-table", "summaries_worker_kill"]),
-                        home, log)
-    # A worker writes its load to the ledger, then starts generating its first batch: kill it there.
-    wait_for(lambda: set(ledger_lines(cluster, "loads.log")) - loads_before, "a Python worker loaded the model", job)
-    (first_load, *_) = set(ledger_lines(cluster, "loads.log")) - loads_before
-    os.kill(int(re.search(r"pid=(\d+)", first_load)[1]), signal.SIGKILL)
-
-    assert job.wait(timeout=600) == 0, log.read_text()[-4000:]
+    command = " ".join([SUMMARIZE.format(master=cluster.url), "--target-table", "summaries_worker_kill"])
+    with background_command(command, home, log) as job:
+        # A worker writes its load to the ledger, then starts generating its first batch: kill it there.
+        wait_for(lambda: set(ledger_lines(cluster, "loads.log")) - loads_before, "a Python worker loaded the model", job)
+        (first_load, *_) = set(ledger_lines(cluster, "loads.log")) - loads_before
+        os.kill(int(re.search(r"pid=(\d+)", first_load)[1]), signal.SIGKILL)
+        assert job.wait(timeout=600) == 0, log.read_text()[-4000:]
     output = log.read_text()
     assert re.search(r"Lost task .*Python worker exited unexpectedly|Lost task .*crashed", output, re.S), output[-3000:]
     disturbed = one_row_per_ticket(spark, home, "summaries_worker_kill")
