@@ -34,12 +34,13 @@ def model_cache_dir() -> Path:
     4. ``model_cache`` under the project home.
     """
     configured = os.environ.get(MODEL_CACHE_ENV_VAR)
+    local_root = spark_local_root()
     if configured:
         cache = Path(configured).expanduser().resolve()
     elif DATABRICKS_LOCAL_DISK.is_dir():
         cache = DATABRICKS_LOCAL_DISK / "dolly_spark" / "model_cache"
-    elif spark_local_root() is not None:
-        cache = spark_local_root() / "dolly_spark_model_cache"
+    elif local_root is not None:
+        cache = local_root / "dolly_spark_model_cache"
     else:
         cache = project_home() / "model_cache"
     cache.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 from dolly_spark.sessions import DELTA_CATALOG, DELTA_EXTENSION, delta_package
@@ -55,9 +56,10 @@ def read_defaults(path: Path) -> dict[str, str]:
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
             line = line.strip()
-            if line and not line.startswith("#"):
-                key, _, value = line.replace("=", " ", 1).partition(" ")
-                settings[key.strip()] = value.strip()
+            # Java properties: the key ends at the first blank, '=' or ':'; the value may hold them.
+            match = re.match(r"([^\s=:]+)[\s=:]+(.*)", line)
+            if match and not line.startswith("#"):
+                settings[match[1]] = match[2].strip()
     return settings
 
 
