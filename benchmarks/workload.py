@@ -17,6 +17,19 @@ INSTRUCTION = (
     "and how urgent it is."
 )
 
+# A long instruction (about 150 tokens), like a detailed triage rubric: the part of every prompt
+# that all rows share grows threefold, which is what reusing the shared prefix saves.
+LONG_INSTRUCTION = (
+    "You are triaging customer support tickets for a software company. Read the ticket and write "
+    "one or two sentences for the on-call engineer. Say which product and feature are affected, "
+    "what the customer sees (an error code, a blank screen, a timeout, wrong numbers, duplicated "
+    "entries), what they already tried, and how many people are blocked. Rate the urgency: urgent "
+    "when payroll, a month-end close, an audit deadline or a customer demo is at risk, or when a "
+    "whole team cannot work; high when a paid plan is degraded; normal when a workaround exists; "
+    "low when the customer says it is not urgent. Do not invent details that are not in the "
+    "ticket, do not apologize, do not address the customer, and do not repeat the ticket."
+)
+
 # A ticket's *prompt* (template + instruction + body) should span about 30 to 600 tokens. The
 # template and instruction cost about 35 to 60 tokens depending on the tokenizer and format, so
 # bodies are drawn between these token targets.
