@@ -5,6 +5,10 @@ mlflow.pyfunc.spark_udf through its ``models:/name/version`` URI, the hand-writt
 UDF and the bare engine through the files apply_instruction's workers download (the node-local
 model cache). The registry is a SQLite file under ``<project home>/bench/``, apart from the demo's
 registry, so ``make bench`` never adds versions to models a user works with.
+
+For (b) at a pipeline batch size above 1, each model also gets a benchmark-only copy,
+``<name>_pyfunc_batched``: the same files and stored inference config, with ``batch_size``
+declared as an inference param (see ``register_batched_pyfunc``).
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ class BenchModel:
     model_path: str
     tokenizer_path: str
     prompt_template: str | None  # what mlflow.pyfunc wraps the caller's text in, if anything
+    model_dir: str  # the MLflow model directory of the version (MLmodel, requirements.txt, ...)
 
     @property
     def uri(self) -> str:
@@ -106,7 +111,107 @@ def prepare_model(key: str, seed: int) -> BenchModel:
     spec = resolve_model(alias_uri)
     model_dir = fetch_model_files(spec)
     model_path, tokenizer_path = checkpoint_paths(model_dir)
-    return BenchModel(key, spec, model_path, tokenizer_path, _prompt_template(Path(model_dir)))
+    return BenchModel(key, spec, model_path, tokenizer_path, _prompt_template(Path(model_dir)), model_dir)
+
+
+BATCHED_SUFFIX = "_pyfunc_batched"
+SOURCE_TAG, RECIPE_TAG = "bench_source", "bench_batched_recipe"
+# What the batched copy changes; a copy made by another recipe is not reused.
+BATCHED_RECIPE = "signature params + batch_size (long, default 1); tokenizer saved with padding_side=left"
+
+
+def register_batched_pyfunc(bench: BenchModel) -> str:
+    """``models:/<name>_pyfunc_batched/<v>``: ``bench``'s version as mlflow.pyfunc serves it at a
+    pipeline batch size above 1. Registered once per source version (a version tag names it).
+
+    MLflow 3.17's transformers pyfunc calls the pipeline with the stored ``model_config`` merged
+    with the call's params, and ``batch_size`` is an argument of that call; but spark_udf drops
+    params the signature does not declare and ``model_config`` keys the logged config does not
+    have, and the registered versions declare only ``max_new_tokens``. So this copy is the same
+    weights, tokenizer, prompt template, stored config, metadata and requirements, with the
+    signature declaring ``batch_size`` (default 1) beside ``max_new_tokens``. A batched
+    decoder-only pipeline must pad on the left and needs a pad token: the copy's tokenizer is
+    saved with ``padding_side="left"`` (transformers' text-generation pipeline also switches a
+    right-padding tokenizer to the left when it loads) and gets the EOS as pad token if it has
+    none. Nothing else differs.
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.pyfunc import MODEL_CONFIG
+    from mlflow.tracking import MlflowClient
+    from mlflow.types.schema import ParamSchema, ParamSpec
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = bench.spec.name + BATCHED_SUFFIX
+    client = MlflowClient()
+    try:
+        for version in client.search_model_versions(f"name='{name}'"):
+            if version.tags.get(SOURCE_TAG) == bench.uri and version.tags.get(RECIPE_TAG) == BATCHED_RECIPE:
+                return f"models:/{name}/{version.version}"
+    except mlflow.exceptions.MlflowException:
+        pass
+    info = mlflow.models.get_model_info(bench.uri)
+    signature = info.signature
+    params = [p for p in (signature.params.params if signature.params else []) if p.name != "batch_size"]
+    batched = ModelSignature(signature.inputs, signature.outputs,
+                             ParamSchema([*params, ParamSpec("batch_size", "long", 1)]))
+    # Passed to the constructor, not set afterwards: only constructor arguments are saved.
+    tokenizer = AutoTokenizer.from_pretrained(bench.tokenizer_path, padding_side="left")
+    pad_added = tokenizer.pad_token is None
+    if pad_added:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(bench.model_path)
+    metadata = {k: v for k, v in (info.metadata or {}).items() if k != "prompt_template"}
+    config = info.flavors["python_function"].get(MODEL_CONFIG) or {}
+    with mlflow.start_run(run_name=f"register-{name}"):
+        logged = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer}, name="model", task="text-generation",
+            signature=batched, prompt_template=bench.prompt_template,
+            model_config=config,
+            metadata={**metadata, SOURCE_TAG: bench.uri}, registered_model_name=name,
+            pip_requirements=str(Path(bench.model_dir) / "requirements.txt"),
+        )
+    version = str(logged.registered_model_version)
+    stored = mlflow.models.get_model_info(f"models:/{name}/{version}").flavors["python_function"].get(MODEL_CONFIG)
+    if stored != config:  # greedy decoding and the stop tokens live there
+        raise RuntimeError(f"{name} version {version} stores inference config {stored}, not {bench.uri}'s {config}")
+    client.set_model_version_tag(name, version, SOURCE_TAG, bench.uri)
+    client.set_model_version_tag(name, version, RECIPE_TAG, BATCHED_RECIPE)
+    client.set_model_version_tag(name, version, "bench_pad_token_added", str(pad_added))
+    log.info("registered %s version %s: %s with batch_size as an inference param", name, version, bench.uri)
+    return f"models:/{name}/{version}"
+
+
+def pipeline_batch_check(model_uri: str, inputs: list[str], batch_sizes: list[int]) -> dict[str, Any]:
+    """Whether ``batch_size`` reaches the pipeline: ``model_uri`` loaded with mlflow.pyfunc (as
+    spark_udf's workers load it), then each batch size passed as a param to ``predict`` on
+    ``inputs`` with max_new_tokens=1, counting the rows of every forward call the pipeline makes.
+    Also the pyfunc load seconds: in local mode spark_udf loads the model in each task, so
+    about that much of each (b) timed run is loading."""
+    import time
+
+    from dolly_spark.models import fetch_model_files
+
+    started = time.perf_counter()
+    model = mlflow.pyfunc.load_model(fetch_model_files(resolve_model(model_uri)))
+    load_seconds = time.perf_counter() - started
+    pipe = model.get_raw_model()
+    seen: list[int] = []
+    forward = pipe._forward
+
+    def counting_forward(model_inputs, **kwargs):
+        seen.append(int(model_inputs["input_ids"].shape[0]))
+        return forward(model_inputs, **kwargs)
+
+    pipe._forward = counting_forward
+    checks = []
+    for batch_size in batch_sizes:
+        seen.clear()
+        model.predict(inputs, params={"max_new_tokens": 1, "batch_size": batch_size})
+        checks.append({"batch_size": batch_size, "rows": len(inputs), "forward_rows": list(seen),
+                       "reaches_pipeline": max(seen, default=0) == min(batch_size, len(inputs))})
+    return {"model_uri": model_uri, "pyfunc_load_seconds": load_seconds,
+            "tokenizer_padding_side": pipe.tokenizer.padding_side, "pad_token_id": pipe.tokenizer.pad_token_id,
+            "checks": checks}
 
 
 def _prompt_template(model_dir: Path) -> str | None:

@@ -6,7 +6,8 @@ prompt_tokens, completion_tokens and finish_reason. The rows of a partition reac
 Arrow batches of ``spark.sql.execution.arrow.maxRecordsPerBatch`` rows, one ``engine.run`` each;
 the engine's own ``micro_batches`` (called here, not copied, so the replay cannot drift from it)
 cuts each run into micro-batches; a micro-batch pads every prompt to its longest and decodes
-until its slowest row stops, which is its largest completion_tokens.
+until its slowest row stops, which is its largest completion_tokens. The same replay gives each
+micro-batch's rows, prompt tokens and decoding steps, for the roofline figures.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Iterable, Sequence
 
+from benchmarks.roofline import MicroBatch
 from dolly_spark.engine import FINISH_ERROR, EngineStats, GenerationSettings, InstructionEngine, _Prepared
 
 
@@ -27,21 +29,24 @@ class RowTokens:
     finish_reason: str
 
 
-def replay_stats(rows: Sequence[RowTokens], settings: GenerationSettings, arrow_batch_rows: int) -> EngineStats:
-    """EngineStats as the workers' engines counted them, for ``rows`` in collected order
-    (Spark's collect keeps partition order and the row order within each partition)."""
-    stats = EngineStats()
+def replay(rows: Sequence[RowTokens], settings: GenerationSettings,
+           arrow_batch_rows: int) -> tuple[EngineStats, list[MicroBatch]]:
+    """EngineStats as the workers' engines counted them, and their micro-batches (the
+    partition as the worker), for ``rows`` in collected order (Spark's collect keeps partition
+    order and the row order within each partition)."""
+    stats, batches = EngineStats(), []
     planner = SimpleNamespace(settings=settings)  # micro_batches and prefill_groups read only the settings
     by_partition: dict[int, list[RowTokens]] = {}
     for row in rows:
         by_partition.setdefault(row.partition, []).append(row)
     for partition_rows in by_partition.values():
         for start in range(0, len(partition_rows), arrow_batch_rows):
-            _replay_run(partition_rows[start:start + arrow_batch_rows], planner, stats)
-    return stats
+            _replay_run(partition_rows[start:start + arrow_batch_rows], planner, stats, batches)
+    return stats, batches
 
 
-def _replay_run(run_rows: Sequence[RowTokens], planner: SimpleNamespace, stats: EngineStats) -> None:
+def _replay_run(run_rows: Sequence[RowTokens], planner: SimpleNamespace, stats: EngineStats,
+                batches: list[MicroBatch]) -> None:
     stats.rows += len(run_rows)
     # Rows refused before generation (null input, over-long prompt) answer with an error and no
     # completion; they never enter a micro-batch.
@@ -56,8 +61,10 @@ def _replay_run(run_rows: Sequence[RowTokens], planner: SimpleNamespace, stats: 
             stats.prefill_groups.append((len(group), len(group[0].ids)))
             stats.padded_prompt_tokens += len(group) * len(group[0].ids)
         stats.generated_slots += len(members) * steps
-        stats.prompt_tokens += sum(row.prompt_tokens for row in members)
+        prompt_tokens = sum(row.prompt_tokens for row in members)
+        stats.prompt_tokens += prompt_tokens
         stats.completion_tokens += sum(row.completion_tokens for row in members)
+        batches.append(MicroBatch(members[0].partition, len(members), prompt_tokens, steps))
 
 
 def single_run_rows(results: Iterable, partition: int = 0) -> list[RowTokens]:

@@ -1,9 +1,10 @@
 """python -m benchmarks.run_all [--rows 32] [--max-new-tokens 32] [--models tiny,demo] [--seed 0]
 
 Side-by-side throughput of one registered model over the same rows, in one Spark session
-(local[2], UI off): (a) apply_instruction, (b) mlflow.pyfunc.spark_udf, (c) a hand-written
-per-row pipeline UDF, (d) the bare engine in the driver. Writes a markdown table to stdout and
-benchmarks/results/latest.md, and the figures to benchmarks/results/latest.json. See
+(local[2], UI off): (a) apply_instruction, (b) mlflow.pyfunc.spark_udf at several pipeline batch
+sizes, (c) a hand-written per-row pipeline UDF, (d) the bare engine in the driver; with
+--long-instruction, (a) and (d) again with a long instruction. Writes a markdown table to stdout
+and benchmarks/results/latest.md, and the figures to benchmarks/results/latest.json. See
 benchmarks/README.md for what each figure means.
 """
 from __future__ import annotations
@@ -40,9 +41,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--token-budget", type=int, default=16384,
                         help="engine micro-batch token budget, for (a) and (d) (the package default)")
     parser.add_argument("--max-batch-rows", type=int, default=64, help="engine micro-batch row cap, for (a) and (d)")
+    parser.add_argument("--mlflow-batch-sizes", default="1,8,16",
+                        help="comma-separated pipeline batch sizes for (b); a/b is taken against the fastest")
+    parser.add_argument("--long-instruction", action=argparse.BooleanOptionalAction, default=False,
+                        help="also run (a) and (d) with the workload's long instruction (about 150 tokens)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where latest.md and latest.json go")
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    try:
+        args.mlflow_batch_sizes = sorted({int(b) for b in args.mlflow_batch_sizes.split(",") if b.strip()})
+    except ValueError:
+        parser.error("--mlflow-batch-sizes takes integers, such as 1,8,16")
+    if not args.mlflow_batch_sizes or min(args.mlflow_batch_sizes) < 1:
+        parser.error("--mlflow-batch-sizes needs at least one batch size, each at least 1")
     if args.rows < PARTITIONS or args.warmup_rows < PARTITIONS:
         parser.error(f"--rows and --warmup-rows must be at least {PARTITIONS}, one per partition")
     return args
@@ -91,12 +102,20 @@ def build_rows(spark, tickets: list[tuple[str, str]], warm: list[tuple[str, str]
     return BenchRows([b for _, b in tickets], prompts, df, [b for _, b in warm], warm_df)
 
 
+def prompt_token_stats(engine, instruction: str, bodies: list[str]) -> dict[str, float]:
+    """Min, max and mean prompt tokens of ``bodies`` with ``instruction``."""
+    lengths = [len(engine.tokenizer(engine.format.prompt(instruction, body), add_special_tokens=False)["input_ids"])
+               for body in bodies]
+    return {"min": min(lengths), "max": max(lengths), "mean": statistics.mean(lengths)}
+
+
 def run_model(spark, key: str, args: argparse.Namespace, machine: dict[str, Any], ledger_dir: str) -> dict[str, Any]:
-    """All four variants of one model on the same registered version and the same rows."""
+    """All variants of one model on the same registered version and the same rows."""
     from benchmarks import variants
-    from benchmarks.bench_models import parameter_counts, prepare_model
+    from benchmarks.bench_models import (mlflow_input_for, parameter_counts, pipeline_batch_check, prepare_model,
+                                         register_batched_pyfunc)
     from benchmarks.report import model_entry
-    from benchmarks.workload import generate_tickets
+    from benchmarks.workload import INSTRUCTION, LONG_INSTRUCTION, generate_tickets
     from dolly_spark.engine import GenerationSettings, InstructionEngine
     from dolly_spark.sessions import ARROW_BATCH_CONF
 
@@ -118,25 +137,44 @@ def run_model(spark, key: str, args: argparse.Namespace, machine: dict[str, Any]
     if args.bf16:
         log.info("%s: (a) apply_instruction, dtype=bfloat16", key)
         results[variants.APPLY_BF16] = variants.run_apply_instruction(bench, rows, settings, arrow_batch_rows,
-                                                                      dtype="bfloat16")
-    log.info("%s: (b) mlflow.pyfunc.spark_udf", key)
-    results[variants.MLFLOW] = variants.run_mlflow_spark_udf(spark, bench, rows, args.max_new_tokens, engine.tokenizer)
+                                                                      dtype="bfloat16", variant=variants.APPLY_BF16)
+    batched = [b for b in args.mlflow_batch_sizes if b > 1]
+    batched_uri = register_batched_pyfunc(bench) if batched else None
+    for batch_size in args.mlflow_batch_sizes:
+        log.info("%s: (b) mlflow.pyfunc.spark_udf, pipeline batch_size %d", key, batch_size)
+        results[variants.mlflow_variant(batch_size)] = variants.run_mlflow_spark_udf(
+            spark, bench, rows, args.max_new_tokens, engine.tokenizer, batch_size,
+            batched_uri if batch_size > 1 else None)
     log.info("%s: (c) per-row pipeline UDF", key)
     ledger = os.path.join(ledger_dir, f"{key}-pipeline-loads.log")
     results[variants.PIPELINE] = variants.run_per_row_pipeline(bench, rows, args.max_new_tokens, ledger)
-    variants.reconcile_mlflow_counts(results[variants.MLFLOW], results[variants.PIPELINE], engine.tokenizer)
+    for batch_size in args.mlflow_batch_sizes:
+        variants.reconcile_mlflow_counts(results[variants.mlflow_variant(batch_size)], results[variants.PIPELINE],
+                                         engine.tokenizer)
     log.info("%s: (d) bare engine", key)
     results[variants.ENGINE] = variants.run_bare_engine(engine, rows, arrow_batch_rows)
+    if args.long_instruction:
+        log.info("%s: (a) and (d) with the long instruction", key)
+        results[variants.APPLY_LONG] = variants.run_apply_instruction(
+            bench, rows, settings, arrow_batch_rows, instruction=LONG_INSTRUCTION, variant=variants.APPLY_LONG)
+        results[variants.ENGINE_LONG] = variants.run_bare_engine(
+            engine, rows, arrow_batch_rows, instruction=LONG_INSTRUCTION, variant=variants.ENGINE_LONG)
 
-    prompt_lengths = [len(engine.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in rows.prompts]
     meta = {
         "model": key, "model_uri": bench.uri, "registered_name": bench.spec.name, "version": bench.spec.version,
         "prompt_format": bench.prompt_format, "rows": args.rows, "partitions": PARTITIONS,
         "max_new_tokens": args.max_new_tokens, "mlflow_model_uri": bench.uri,
         "parameters": parameter_counts(engine.model),
-        "prompt_tokens": {"min": min(prompt_lengths), "max": max(prompt_lengths),
-                          "mean": statistics.mean(prompt_lengths)},
+        "prompt_tokens": prompt_token_stats(engine, INSTRUCTION, rows.bodies),
     }
+    if args.long_instruction:
+        meta["prompt_tokens_long_instruction"] = prompt_token_stats(engine, LONG_INSTRUCTION, rows.bodies)
+    if batched_uri:
+        # The shortest rows: the check is about how rows are batched, not about their length.
+        shortest = [mlflow_input_for(prompt, bench.prompt_template)
+                    for prompt in sorted(rows.prompts, key=len)[:max(batched)]]
+        meta["mlflow_batched_model_uri"] = batched_uri
+        meta["mlflow_pipeline_batch_check"] = pipeline_batch_check(batched_uri, shortest, batched)
     rows.df.unpersist()
     rows.warm_df.unpersist()
     del engine
@@ -156,8 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks.variants import probe_worker_threads
 
     # Measured first, before the JVM and the models are up, so nothing else competes with it.
-    log.info("measuring the matmul peak")
-    machine = measure_machine()
+    log.info("measuring the matmul peak and the read bandwidth")
+    machine = measure_machine(worker_precisions=("fp32", "bf16") if args.bf16 else ("fp32",))
     configure_bench_mlflow()
     spark = start_spark()
     machine["spark_workers"] = probe_worker_threads(spark, PARTITIONS)
@@ -171,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "spark_master": spark.sparkContext.master,
         "settings": {"rows": args.rows, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
                      "warmup_rows": args.warmup_rows, "token_budget": args.token_budget,
-                     "max_batch_rows": args.max_batch_rows, "models": args.models},
+                     "max_batch_rows": args.max_batch_rows, "models": args.models, "bf16": args.bf16,
+                     "mlflow_batch_sizes": args.mlflow_batch_sizes, "long_instruction": args.long_instruction},
         "registry": describe_registry(),
         "machine": machine,
         "models": entries,

@@ -1,28 +1,33 @@
 """The four ways of running one model over the same rows, each timed the same way.
 
 (a) ``apply_instruction``     dolly_spark's pandas UDF: the engine batches each Arrow batch.
-(b) ``mlflow_spark_udf``      mlflow.pyfunc.spark_udf on the registered model (the official route).
+(b) ``mlflow_spark_udf``      mlflow.pyfunc.spark_udf on the registered model (the official route),
+                              with the pipeline's batch_size 1, and 8, 16, ... (``_batch<N>``).
 (c) ``per_row_pipeline``      a hand-written pandas UDF, one transformers pipeline call per row.
 (d) ``engine``                InstructionEngine in the driver, no Spark.
+
+(a) and (d) also run with the workload's long instruction (``_long``), on request.
 
 Load time is kept out of throughput the same way for every variant: each Spark variant first runs
 on a few warm-up rows, in as many partitions as the timed run, so each of the two Python workers
 has loaded its model (workers are reused, so they keep it); then the timed run is the action on
 the full DataFrame only (plans are built before the clock starts). The bare engine is loaded
 before its clock starts and warmed up on the same warm-up rows. Warm-up seconds are reported too:
-they are mostly model loading.
+they are mostly model loading. MLflow's spark_udf is the exception it cannot avoid: with a local
+master it loads the model inside every task, so each of its timed runs loads once per partition.
 """
 from __future__ import annotations
 
+import copy
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from benchmarks.bench_models import BenchModel
-from benchmarks.padding import RowTokens, replay_stats, single_run_rows
+from benchmarks.padding import RowTokens, replay, single_run_rows
 from benchmarks.per_row_pipeline import count_loads, per_row_pipeline_udf
 from benchmarks.workload import INSTRUCTION
 from dolly_spark.engine import EngineStats, GenerationSettings, InstructionEngine
@@ -31,7 +36,22 @@ APPLY, MLFLOW, PIPELINE, ENGINE = "apply_instruction", "mlflow_spark_udf", "per_
 # (a) again with dtype="bfloat16": an opt-in for CPUs with bf16 matrix units (AMX); reported
 # beside the fp32 comparison, never in place of it.
 APPLY_BF16 = "apply_instruction_bf16"
-VARIANTS = (APPLY, APPLY_BF16, MLFLOW, PIPELINE, ENGINE)
+# (a) and (d) with the workload's long instruction (about 150 tokens instead of about 25).
+APPLY_LONG, ENGINE_LONG = "apply_instruction_long", "engine_long"
+# The order of the report's rows; (b) with a pipeline batch size above 1 follows (b).
+VARIANTS = (APPLY, APPLY_BF16, MLFLOW, PIPELINE, ENGINE, APPLY_LONG, ENGINE_LONG)
+
+
+def mlflow_variant(batch_size: int) -> str:
+    """(b)'s name at a pipeline batch size: ``mlflow_spark_udf`` at 1, as before batch sizes
+    were compared, ``mlflow_spark_udf_batch<N>`` above."""
+    return MLFLOW if batch_size == 1 else f"{MLFLOW}_batch{batch_size}"
+
+
+def variant_order(name: str) -> tuple[int, str]:
+    """Sort key of variant names in the report: VARIANTS' order, (b)'s batch sizes after (b)."""
+    base = MLFLOW if name.startswith(MLFLOW) else name
+    return VARIANTS.index(base), f"{len(name):03d}{name}"
 
 
 @dataclass
@@ -86,15 +106,18 @@ def _timed(action: Callable[[], Any]) -> tuple[Any, float]:
 
 # --------------------------------------------------------------------------------------------
 def run_apply_instruction(bench: BenchModel, rows: BenchRows, settings: GenerationSettings,
-                          arrow_batch_rows: int, dtype: str | None = None) -> VariantResult:
-    """(a): apply_instruction over the DataFrame; padding waste replayed from the result struct.
-    With ``dtype`` the model runs in that dtype instead of the device default (fp32 on a CPU)."""
+                          arrow_batch_rows: int, dtype: str | None = None, instruction: str = INSTRUCTION,
+                          variant: str = APPLY) -> VariantResult:
+    """(a): apply_instruction over the DataFrame; padding waste and micro-batches replayed from the
+    result struct. With ``dtype`` the model runs in that dtype instead of the device default (fp32
+    on a CPU). After the timed run, the same rows again with max_new_tokens=1 (prefill and the
+    first token) time the prefill phase."""
     from dolly_spark import apply_instruction
     from dolly_spark.models import load_count
 
-    def plan(df: DataFrame) -> DataFrame:
+    def plan(df: DataFrame, max_new_tokens: int = settings.max_new_tokens) -> DataFrame:
         out = apply_instruction(
-            df, INSTRUCTION, model_uri=bench.uri, input_col="body", max_new_tokens=settings.max_new_tokens,
+            df, instruction, model_uri=bench.uri, input_col="body", max_new_tokens=max_new_tokens,
             token_budget=settings.token_budget, max_batch_rows=settings.max_batch_rows, dtype=dtype,
         )
         return out.select("ticket_id", F.spark_partition_id().alias("partition"), "response.*")
@@ -105,34 +128,42 @@ def run_apply_instruction(bench: BenchModel, rows: BenchRows, settings: Generati
     timed_plan = plan(rows.df)
     collected, seconds = _timed(timed_plan.collect)
     loads_after = load_count(bench.spec)
+    _, prefill_seconds = _timed(plan(rows.df, max_new_tokens=1).collect)
 
     tokens = [RowTokens(r["partition"], r["prompt_tokens"], r["completion_tokens"], r["finish_reason"]) for r in collected]
-    stats = replay_stats(tokens, settings, arrow_batch_rows)
+    stats, work = replay(tokens, settings, arrow_batch_rows)
     return VariantResult(
-        APPLY_BF16 if dtype == "bfloat16" else APPLY, len(collected), seconds,
+        variant, len(collected), seconds,
         prompt_tokens=sum(r["prompt_tokens"] for r in collected),
         generated_tokens=sum(r["completion_tokens"] for r in collected),
         token_counts_from="engine", warmup_seconds=warm_seconds,
         loads_warmup=loads_after_warmup - loads_before, loads_timed=loads_after - loads_after_warmup,
         padding_waste=stats.padding_waste, error_rows=sum(1 for r in collected if r["error"]),
-        extra={"micro_batches": stats.micro_batches, "finish_reasons": _histogram(r["finish_reason"] for r in collected),
-               "padding_waste_from": "replayed from the result struct (see benchmarks/padding.py)"},
+        extra={"micro_batches": stats.micro_batches, "micro_batch_work": work,
+               "finish_reasons": _histogram(r["finish_reason"] for r in collected),
+               "padding_waste_from": "replayed from the result struct (see benchmarks/padding.py)",
+               "phases": _phases(prefill_seconds, seconds, [(r.prompt_tokens, r.completion_tokens) for r in tokens])},
     )
 
 
 def run_mlflow_spark_udf(spark: SparkSession, bench: BenchModel, rows: BenchRows, max_new_tokens: int,
-                         tokenizer: Any) -> VariantResult:
+                         tokenizer: Any, batch_size: int = 1, model_uri: str | None = None) -> VariantResult:
     """(b): mlflow.pyfunc.spark_udf on the same registered version, whose stored inference
     config is greedy (dolly_spark.registry.log_and_register stores do_sample=False), with
     max_new_tokens as an inference param, which the signature declares.
+
+    ``batch_size`` above 1 needs ``model_uri``: a version whose signature also declares
+    ``batch_size`` (bench_models.register_batched_pyfunc), which MLflow then passes to the
+    pipeline call with the model's stored config.
 
     The stored prompt template (Dolly models) wraps ``mlflow_input``; a chat model has none and
     gets the full chat prompt, which MLflow then returns with the completion appended.
     """
     import mlflow
 
-    predict = mlflow.pyfunc.spark_udf(spark, bench.uri, result_type="string",
-                                      params={"max_new_tokens": max_new_tokens})
+    params = {"max_new_tokens": max_new_tokens, **({"batch_size": batch_size} if batch_size > 1 else {})}
+    uri = model_uri or bench.uri
+    predict = mlflow.pyfunc.spark_udf(spark, uri, result_type="string", params=params)
 
     def plan(df: DataFrame) -> DataFrame:
         return df.select("ticket_id", "prompt", predict(F.col("mlflow_input")).alias("text"))
@@ -142,12 +173,12 @@ def run_mlflow_spark_udf(spark: SparkSession, bench: BenchModel, rows: BenchRows
     collected, seconds = _timed(timed_plan.collect)
     completions = [_completion(r["text"], r["prompt"]) for r in collected]
     return VariantResult(
-        MLFLOW, len(collected), seconds,
+        mlflow_variant(batch_size), len(collected), seconds,
         prompt_tokens=_count_tokens(tokenizer, [r["prompt"] for r in collected]),
         generated_tokens=_count_tokens(tokenizer, completions), token_counts_from="re-tokenized text",
         warmup_seconds=warm_seconds, loads_warmup=None, loads_timed=None,
         error_rows=sum(1 for text in completions if not text.strip()),
-        extra={"model_uri": bench.uri, "params": {"max_new_tokens": max_new_tokens},
+        extra={"model_uri": uri, "params": params, "batch_size": batch_size,
                "stored_model_config": {"do_sample": False},
                "prompt_template_stored": bench.prompt_template is not None},
         per_row={r["ticket_id"]: (text, 0) for r, text in zip(collected, completions)},
@@ -208,42 +239,65 @@ def reconcile_mlflow_counts(mlflow_result: VariantResult, pipeline_result: Varia
     mlflow_result.extra["rows_with_same_text_as_per_row_pipeline"] = f"{same}/{len(mlflow_result.per_row)}"
 
 
-def run_bare_engine(engine: InstructionEngine, rows: BenchRows, arrow_batch_rows: int) -> VariantResult:
+def run_bare_engine(engine: InstructionEngine, rows: BenchRows, arrow_batch_rows: int,
+                    instruction: str = INSTRUCTION, variant: str = ENGINE) -> VariantResult:
     """(d): the engine in this process on all rows in one run, after a warm-up run."""
-    _, warm_seconds = _timed(lambda: engine.run([INSTRUCTION] * len(rows.warm_bodies), rows.warm_bodies,
+    _, warm_seconds = _timed(lambda: engine.run([instruction] * len(rows.warm_bodies), rows.warm_bodies,
                                                 require_context=True))
-    engine.stats = EngineStats()  # count the timed run only
-    results, seconds = _timed(lambda: engine.run([INSTRUCTION] * len(rows.bodies), rows.bodies,
+    before = copy.deepcopy(engine.stats)
+    results, seconds = _timed(lambda: engine.run([instruction] * len(rows.bodies), rows.bodies,
                                                  require_context=True))
-    stats = engine.stats
-    # The same replay that gives (a) its padding waste, checked here against the real counters.
-    replayed = replay_stats(single_run_rows(results), engine.settings, len(results))
-    phases = prefill_and_decode_split(engine, rows.bodies, seconds, results)
+    stats = _counted_since(before, engine.stats)  # the timed run only
+    # The same replay that gives (a) its padding waste and micro-batches, checked here against
+    # the real counters.
+    replayed, work = replay(single_run_rows(results), engine.settings, len(results))
+    prefill_seconds = first_token_seconds(engine, rows.bodies, instruction)
     return VariantResult(
-        ENGINE, len(results), seconds,
+        variant, len(results), seconds,
         prompt_tokens=sum(r.prompt_tokens for r in results),
         generated_tokens=sum(r.completion_tokens for r in results), token_counts_from="engine",
         warmup_seconds=warm_seconds, loads_warmup=0, loads_timed=0,
         padding_waste=stats.padding_waste, error_rows=sum(1 for r in results if r.error),
-        extra={"micro_batches": stats.micro_batches, "generate_seconds": stats.generate_seconds,
+        extra={"micro_batches": stats.micro_batches, "micro_batch_work": work,
+               "generate_seconds": stats.generate_seconds,
                "finish_reasons": _histogram(r.finish_reason for r in results),
-               "padding_replay_matches_engine_stats": abs(replayed.padding_waste - stats.padding_waste) < 1e-9,
-               "loads_note": "loaded once in the driver before the warm-up", "phases": phases},
+               "padding_replay_matches_engine_stats": (
+                   abs(replayed.padding_waste - stats.padding_waste) < 1e-9
+                   and replayed.micro_batches == stats.micro_batches
+                   and replayed.generated_slots == stats.generated_slots),
+               "loads_note": "loaded once in the driver before the warm-up",
+               "phases": _phases(prefill_seconds, seconds, [(r.prompt_tokens, r.completion_tokens) for r in results])},
     )
 
 
-def prefill_and_decode_split(engine: InstructionEngine, bodies: list[str], seconds: float,
-                             results: list[Any]) -> dict[str, Any]:
-    """Where (d)'s time goes: the same rows again with max_new_tokens=1 (the prompts' prefill
-    and the first token) on the same model; the rest of (d)'s time decoded the other tokens."""
+def _counted_since(before: EngineStats, after: EngineStats) -> EngineStats:
+    """The counters ``after`` added since ``before`` (a copy taken earlier): new list entries and
+    the growth of each number. The engine keeps counting into its stats object, which its parts
+    may hold too, so it is read, never replaced."""
+    counted = {}
+    for item in fields(after):
+        old, new = getattr(before, item.name), getattr(after, item.name)
+        counted[item.name] = new[len(old):] if isinstance(new, list) else new - old
+    return type(after)(**counted)
+
+
+def first_token_seconds(engine: InstructionEngine, bodies: list[str], instruction: str = INSTRUCTION) -> float:
+    """Seconds of the same rows again with max_new_tokens=1 (the prompts' prefill and the first
+    token) on the same model."""
     first_token_only = InstructionEngine(engine.model, engine.tokenizer, engine.format,
                                          replace(engine.settings, max_new_tokens=1))
-    _, prefill_seconds = _timed(lambda: first_token_only.run([INSTRUCTION] * len(bodies), bodies,
-                                                             require_context=True))
-    answered = [r for r in results if r.completion_tokens]
-    return {"prefill_seconds": prefill_seconds, "prefill_tokens": sum(r.prompt_tokens for r in answered),
+    _, seconds = _timed(lambda: first_token_only.run([instruction] * len(bodies), bodies, require_context=True))
+    return seconds
+
+
+def _phases(prefill_seconds: float, seconds: float, tokens: list[tuple[int, int]]) -> dict[str, Any]:
+    """Where a run's time went, from a max_new_tokens=1 run of the same rows: that run's time
+    prefilled the answered rows' prompts (and gave their first tokens); the rest of the run's
+    time decoded the other tokens. ``tokens``: (prompt, completion) tokens per row."""
+    answered = [(prompt, completion) for prompt, completion in tokens if completion]
+    return {"prefill_seconds": prefill_seconds, "prefill_tokens": sum(prompt for prompt, _ in answered),
             "decode_seconds": seconds - prefill_seconds,
-            "decode_tokens": sum(r.completion_tokens - 1 for r in answered)}
+            "decode_tokens": sum(completion - 1 for _, completion in answered)}
 
 
 def probe_worker_threads(spark: SparkSession, partitions: int = 2) -> list[dict[str, Any]]:
