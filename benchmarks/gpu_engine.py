@@ -5,7 +5,9 @@ of the dolly-v2-3b architecture (the pythia-2.8b config) in bf16, a tokenizer tr
 spot, and the benchmark's synthetic tickets, run three ways over the same rows:
 
 1. a transformers ``text-generation`` pipeline, one row at a time (what a hand-written UDF does);
-2. the engine's static batching (length-sorted, token-budgeted, left-padded micro-batches);
+2. the engine's static batching (length-sorted, token-budgeted, left-padded micro-batches), with
+   the prompt prefix all rows share (template and instruction) prefilled once per micro-batch,
+   and again with that reuse off; both also with a long (about 150-token) instruction;
 3. the engine's continuous batching (transformers ``generate_batch``; the engine falls back to
    static batching when the architecture does not support it, and this script reports that).
 
@@ -50,9 +52,9 @@ _forbid_imports()
 
 import torch  # noqa: E402 - after the import guard on purpose
 
-from benchmarks.workload import INSTRUCTION, generate_tickets, tokenizer_corpus  # noqa: E402
+from benchmarks.workload import INSTRUCTION, LONG_INSTRUCTION, generate_tickets, tokenizer_corpus  # noqa: E402
 from dolly_spark.devices import select_device, select_dtype  # noqa: E402
-from dolly_spark.engine import EngineStats, GenerationSettings, InstructionEngine  # noqa: E402
+from dolly_spark.engine import GenerationSettings, InstructionEngine  # noqa: E402
 from dolly_spark.prompts import get_format  # noqa: E402
 from dolly_spark.testing import train_tiny_tokenizer  # noqa: E402
 
@@ -142,12 +144,14 @@ def run_pipeline(model, tokenizer, prompts: list[str], warm: list[str], max_new_
 
     if warm:
         timed(device, lambda: generate(warm))
+    _, first_pass = timed(device, lambda: generate(prompts))
     (prompt_tokens, generated_tokens), seconds = timed(device, lambda: generate(prompts))
     del pipe
-    return _figures(len(prompts), seconds, prompt_tokens, generated_tokens)
+    return {**_figures(len(prompts), seconds, prompt_tokens, generated_tokens), "first_pass_seconds": first_pass}
 
 
-def run_engine(model, tokenizer, bodies: list[str], warm: list[str], settings: GenerationSettings, device) -> dict[str, Any]:
+def run_engine(model, tokenizer, bodies: list[str], warm: list[str], settings: GenerationSettings, device,
+               instruction: str = INSTRUCTION) -> dict[str, Any]:
     """The engine over all rows in one run, after a warm-up run; reports a continuous-batching
     fallback when the engine fell back to static batching."""
     engine = InstructionEngine(model, tokenizer, "dolly", settings)
@@ -155,20 +159,24 @@ def run_engine(model, tokenizer, bodies: list[str], warm: list[str], settings: G
     logging.getLogger("dolly_spark.engine").addHandler(fallbacks)
     try:
         if warm:
-            timed(device, lambda: engine.run([INSTRUCTION] * len(warm), warm, require_context=True))
-        engine.stats = EngineStats()
-        results, seconds = timed(device, lambda: engine.run([INSTRUCTION] * len(bodies), bodies, require_context=True))
+            timed(device, lambda: engine.run([instruction] * len(warm), warm, require_context=True))
+        _, first_pass = timed(device, lambda: engine.run([instruction] * len(bodies), bodies, require_context=True))
+        # The backends count into the engine's stats object: reset it in place.
+        engine.stats.__init__()
+        results, seconds = timed(device, lambda: engine.run([instruction] * len(bodies), bodies, require_context=True))
     finally:
         logging.getLogger("dolly_spark.engine").removeHandler(fallbacks)
     figures = _figures(len(bodies), seconds, sum(r.prompt_tokens for r in results),
                        sum(r.completion_tokens for r in results))
     figures.update({
+        "first_pass_seconds": first_pass,
         "strategy_requested": settings.strategy,
         # The engine switches itself to static batching for good when continuous batching fails.
         "strategy_used": engine._strategy,  # noqa: SLF001 - the benchmark reports the engine's own decision
         "fallback_messages": fallbacks.messages[:3],
         "padding_waste": engine.stats.padding_waste,
         "micro_batches": len(engine.stats.micro_batches),
+        "reused_prefix_tokens": engine.stats.reused_prefix_tokens,
         "failed_rows": sum(1 for r in results if r.finish_reason == "error"),
     })
     return figures
@@ -213,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # run only checks that every path works, so it skips them.
     warm = [] if args.cpu_smoke else [body for _, body in generate_tickets(2, args.seed + 1)]
     static = GenerationSettings(max_new_tokens=args.max_new_tokens, token_budget=args.token_budget)
+    static_no_prefix = GenerationSettings(max_new_tokens=args.max_new_tokens, token_budget=args.token_budget,
+                                          reuse_prefix=False)
     continuous = GenerationSettings(max_new_tokens=args.max_new_tokens, token_budget=args.token_budget,
                                     strategy="continuous")
     # The pipeline gets the very prompt text the engine renders for the same rows.
@@ -235,8 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if architecture == "gpt_neox":  # the per-row baseline once, on the dolly-v2-3b architecture
             log.info("%s: per-row pipeline", architecture)
             entry["per_row_pipeline"] = run_pipeline(model, tokenizer, prompts, warm_prompts, args.max_new_tokens, device)
-        log.info("%s: engine, static batching", architecture)
-        entry["engine_static"] = run_engine(model, tokenizer, bodies, warm, static, device)
+        for route, settings, instruction in (("engine_static", static, INSTRUCTION),
+                                             ("engine_static_no_prefix", static_no_prefix, INSTRUCTION),
+                                             ("engine_static_long", static, LONG_INSTRUCTION),
+                                             ("engine_static_long_no_prefix", static_no_prefix, LONG_INSTRUCTION)):
+            log.info("%s: %s", architecture, route)
+            entry[route] = run_engine(model, tokenizer, bodies, warm, settings, device, instruction)
         log.info("%s: engine, continuous batching", architecture)
         entry["engine_continuous"] = run_engine(model, tokenizer, bodies, warm, continuous, device)
         entry["ratios"] = _ratios(entry)
@@ -253,29 +267,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+ROUTES = ("per_row_pipeline", "engine_static", "engine_static_no_prefix", "engine_static_long",
+          "engine_static_long_no_prefix", "engine_continuous")
+# (name, route, baseline): generated tokens/s of a route over its baseline's.
+RATIOS = (("static_vs_pipeline", "engine_static", "per_row_pipeline"),
+          ("continuous_vs_pipeline", "engine_continuous", "per_row_pipeline"),
+          ("continuous_vs_static", "engine_continuous", "engine_static"),
+          ("prefix_reuse_gain", "engine_static", "engine_static_no_prefix"),
+          ("prefix_reuse_gain_long", "engine_static_long", "engine_static_long_no_prefix"))
+
+
 def _ratios(entry: dict[str, Any]) -> dict[str, float]:
-    """Generated tokens/s of one route over another's."""
-    rate = {name: figures["generated_tokens_per_second"] for name, figures in entry.items()
-            if isinstance(figures, dict) and "generated_tokens_per_second" in figures}
-    ratios = {}
-    for name, base in (("static_vs_pipeline", "per_row_pipeline"), ("continuous_vs_pipeline", "per_row_pipeline")):
-        variant = "engine_static" if name.startswith("static") else "engine_continuous"
-        if base in rate:
-            ratios[name] = rate[variant] / rate[base]
-    ratios["continuous_vs_static"] = rate["engine_continuous"] / rate["engine_static"]
-    return ratios
+    """Ratios between routes that both answered every row: a route with failed rows did less
+    work, so its speed says nothing (it is flagged in the summary instead)."""
+    complete = {name: figures["generated_tokens_per_second"] for name, figures in entry.items()
+                if isinstance(figures, dict) and "generated_tokens_per_second" in figures
+                and not figures.get("failed_rows")}
+    return {name: complete[route] / complete[base] for name, route, base in RATIOS
+            if route in complete and base in complete}
 
 
 def summary(report: dict[str, Any]) -> str:
     lines = [f"device {report['device']} ({report['dtype']}), {report['rows']} rows, max_new_tokens "
              f"{report['max_new_tokens']}, wall {report['wall_seconds']:.0f} s",
-             f"{'model':<10} {'route':<20} {'seconds':>9} {'rows/s':>9} {'gen tok/s':>10} {'strategy used':>14}"]
+             f"{'model':<10} {'route':<29} {'seconds':>8} {'1st pass':>8} {'rows/s':>8} {'gen tok/s':>10} {'reused pfx':>10} "
+             f"{'strategy used':>14} {'failed':>7}"]
     for architecture, entry in report["models"].items():
-        for route in ("per_row_pipeline", "engine_static", "engine_continuous"):
+        for route in ROUTES:
             if route in entry:
                 f = entry[route]
-                lines.append(f"{architecture:<10} {route:<20} {f['seconds']:>9.2f} {f['rows_per_second']:>9.2f} "
-                             f"{f['generated_tokens_per_second']:>10.1f} {f.get('strategy_used', '-'):>14}")
+                lines.append(f"{architecture:<10} {route:<29} {f['seconds']:>8.2f} {f['first_pass_seconds']:>8.2f} "
+                             f"{f['rows_per_second']:>8.2f} "
+                             f"{f['generated_tokens_per_second']:>10.1f} {f.get('reused_prefix_tokens', '-'):>10} "
+                             f"{f.get('strategy_used', '-'):>14} {f.get('failed_rows', 0):>7}")
         lines.append(f"{architecture:<10} ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in entry["ratios"].items()))
     lines.append(f"forbidden modules imported: {report['forbidden_modules_imported'] or 'none'}")
     return "\n".join(lines)

@@ -1,6 +1,9 @@
 """Which device and dtype a model runs on."""
 from __future__ import annotations
 
+import contextlib
+from typing import ContextManager
+
 import torch
 
 
@@ -36,3 +39,16 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def variable_shape_attention(device: torch.device) -> ContextManager:
+    """On a GPU, SDPA without the cuDNN backend for the duration of the block. The engine's
+    attention shapes change with every micro-batch and every decoding step (the ragged
+    attention reads a growing slice of the cache), and cuDNN builds an execution plan for each
+    new shape: profiled on an H100, most of a first pass over 24 rows went into those plans.
+    Flash and memory-efficient attention need no per-shape plan. Elsewhere, nothing changes."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

@@ -20,10 +20,13 @@ def model_and_tokenizer(request, tiny_model, tiny_llama):
     return tiny_model if request.param == "gpt_neox" else tiny_llama
 
 
-def run_engine(model_and_tokenizer, min_length_ratio: float):
+def run_engine(model_and_tokenizer, min_length_ratio: float, reuse_prefix: bool = False):
+    # Without the shared prefix prefilled apart, ratio 0 leaves the whole prefill to generate:
+    # the two cache layouts checked below.
     model, tokenizer = model_and_tokenizer
     engine = InstructionEngine(model, tokenizer, "dolly", GenerationSettings(
-        max_new_tokens=MAX_NEW_TOKENS, token_budget=100_000, min_length_ratio=min_length_ratio))
+        max_new_tokens=MAX_NEW_TOKENS, token_budget=100_000, min_length_ratio=min_length_ratio,
+        reuse_prefix=reuse_prefix))
     results = engine.run(LENGTHS_INSTRUCTIONS, LENGTHS_CONTEXTS)
     return engine, [(r.response, r.finish_reason, r.completion_tokens) for r in results]
 
@@ -60,6 +63,22 @@ def test_ragged_decoding_matches_plain_sdpa(model_and_tokenizer, min_length_rati
     else:
         assert {count for count, _ in decode_calls} == {rows}
         assert min(columns for _, columns in decode_calls) == longest + 1
+
+
+@pytest.mark.parametrize("min_length_ratio", [0.0, 0.75])
+def test_ragged_decoding_matches_plain_sdpa_after_a_shared_prefix(model_and_tokenizer, min_length_ratio, monkeypatch):
+    instructions = ["Summarize the ticket for the support lead."] * len(LENGTHS_CONTEXTS)
+    contexts = [context or "No details." for context in LENGTHS_CONTEXTS]
+
+    def answers(engine_settings):
+        engine = InstructionEngine(*model_and_tokenizer, "dolly", engine_settings)
+        return engine, [(r.response, r.finish_reason, r.completion_tokens) for r in engine.run(instructions, contexts)]
+
+    settings = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS, token_budget=100_000, min_length_ratio=min_length_ratio)
+    engine, ragged_results = answers(settings)
+    assert engine.stats.reused_prefix_tokens > 0
+    monkeypatch.setattr(engine_module, "ragged_attention", lambda model, layout: contextlib.nullcontext(False))
+    assert answers(settings)[1] == ragged_results
 
 
 def test_layout_counts_steps_per_layer():

@@ -1,0 +1,10 @@
+"""The instruction engine's parts, each with one job; ``dolly_spark.engine`` composes them.
+
+- ``results``: generation settings, per-row results and the engine's counters;
+- ``encoder``: instruction and input to prompt token ids, with truncation;
+- ``planner``: pure functions from token lengths to micro-batches, prefill groups and the
+  prompt prefix a micro-batch shares;
+- ``generators``: the backend interface, and what every backend shares;
+- ``static_batching`` and ``continuous_batching``: the two backends;
+- ``parser``: generated tokens to a response and a finish reason.
+"""

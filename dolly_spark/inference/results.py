@@ -1,0 +1,87 @@
+"""What the engine is told (GenerationSettings), what each row gets (InstructionResult) and
+what the engine counts (EngineStats)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FINISH_STOP, FINISH_EOS, FINISH_LENGTH, FINISH_ERROR = "stop", "eos", "length", "error"
+STRATEGIES = ("static", "continuous")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How the engine generates.
+
+    ``token_budget`` bounds each micro-batch: rows × (longest prompt + max_new_tokens), the
+    tokens its KV cache holds at the end. Within a micro-batch, prompts are prefilled in groups
+    of similar length: a row shorter than ``min_length_ratio`` of its group's longest prompt
+    starts a new group (0 prefills the micro-batch as one group); then the whole micro-batch
+    decodes together. ``on_overlong``: "truncate" cuts the context from its
+    end and flags the row; "error" answers the row with an error instead.
+    ``reuse_prefix``: the prompt tokens every row of a micro-batch shares (the template and a
+    literal instruction, before each row's input) are prefilled once, not once per row.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    token_budget: int = 16384
+    max_batch_rows: int = 64
+    min_length_ratio: float = 0.75
+    on_overlong: str = "truncate"
+    strategy: str = "static"
+    reuse_prefix: bool = True
+
+    def __post_init__(self):
+        if self.on_overlong not in ("truncate", "error"):
+            raise ValueError(f"on_overlong must be 'truncate' or 'error', not {self.on_overlong!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, not {self.strategy!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(
+                f"need temperature >= 0, 0 < top_p <= 1 and top_k >= 0 (0: off); got temperature="
+                f"{self.temperature}, top_p={self.top_p}, top_k={self.top_k}"
+            )
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0
+
+
+@dataclass
+class InstructionResult:
+    """What one row gets: the answer, or the reason there is none."""
+
+    response: str | None
+    finish_reason: str
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    truncated: bool = False
+
+
+@dataclass
+class EngineStats:
+    """Counters over every ``run`` of an engine, for logs and benchmarks."""
+
+    rows: int = 0
+    micro_batches: list[tuple[int, int]] = field(default_factory=list)  # (rows, longest prompt), decoded together
+    prefill_groups: list[tuple[int, int]] = field(default_factory=list)  # (rows, padded prompt length)
+    prompt_tokens: int = 0
+    padded_prompt_tokens: int = 0
+    completion_tokens: int = 0
+    generated_slots: int = 0  # rows × decoding steps, finished rows included
+    generate_seconds: float = 0.0
+    # Prompt tokens whose keys and values were copied from a micro-batch's shared prefix,
+    # computed once, instead of being prefilled again for each row.
+    reused_prefix_tokens: int = 0
+
+    @property
+    def padding_waste(self) -> float:
+        """Padded tokens processed per real token (1.0 means no padding at all)."""
+        real = self.prompt_tokens + self.completion_tokens
+        return (self.padded_prompt_tokens + self.generated_slots) / real if real else 0.0
