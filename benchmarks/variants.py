@@ -119,6 +119,8 @@ def run_apply_instruction(bench: BenchModel, rows: BenchRows, settings: Generati
         out = apply_instruction(
             df, instruction, model_uri=bench.uri, input_col="body", max_new_tokens=max_new_tokens,
             token_budget=settings.token_budget, max_batch_rows=settings.max_batch_rows, dtype=dtype,
+            # The same greedy work as the per-row routes, whatever the version registers.
+            repetition_penalty=settings.repetition_penalty, no_repeat_ngram_size=settings.no_repeat_ngram_size,
         )
         return out.select("ticket_id", F.spark_partition_id().alias("partition"), "response.*")
 

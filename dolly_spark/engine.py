@@ -179,7 +179,9 @@ class InstructionEngine:
         return results
 
     def _generate(self, batch: list[EncodedRow]) -> list[list[int]]:
-        if self._strategy == "continuous" and not self.settings.sampling:
+        # Continuous batching is greedy-only here: the row-seeded sampler and the per-row
+        # repetition control need the static backend's padded layout.
+        if self._strategy == "continuous" and not self.settings.sampling and not self.settings.controls_repetition:
             try:
                 return self.continuous.generate(batch)
             except Exception as exc:  # noqa: BLE001 - unsupported architectures fall back

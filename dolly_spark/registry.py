@@ -28,7 +28,8 @@ class ModelSpec:
 
     ``kind`` is "registry" (``uri`` is ``models:/name/version`` or ``models:/<model id>``),
     "local" (a checkpoint directory) or "hub" (an id the hub serves). ``prompt_format`` None
-    means: infer it from the tokenizer when loading.
+    means: infer it from the tokenizer when loading. ``generation_defaults``: the generation
+    settings registered with the version (repetition control), as (name, value) pairs.
     """
 
     kind: str
@@ -38,6 +39,7 @@ class ModelSpec:
     prompt_format: str | None = None
     tracking_uri: str | None = None
     registry_uri: str | None = None
+    generation_defaults: tuple[tuple[str, float], ...] = ()
 
     @property
     def cache_key(self) -> str:
@@ -111,6 +113,7 @@ def _resolve_registry_uri(model_uri: str, prompt_format: str | None) -> ModelSpe
         prompt_format or metadata.get("prompt_format"),
         mlflow.get_tracking_uri(),
         mlflow.get_registry_uri(),
+        _generation_defaults(metadata),
     )
 
 
@@ -122,7 +125,15 @@ def _resolve_logged_model(client: MlflowClient, model_id: str, prompt_format: st
     metadata = _model_metadata(f"models:/{model_id}")
     return ModelSpec("registry", f"models:/{model_id}", logged.name, model_id,
                      prompt_format or metadata.get("prompt_format"),
-                     mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+                     mlflow.get_tracking_uri(), mlflow.get_registry_uri(), _generation_defaults(metadata))
+
+
+GENERATION_DEFAULTS = ("repetition_penalty", "no_repeat_ngram_size")
+
+
+def _generation_defaults(metadata: dict[str, Any]) -> tuple[tuple[str, float], ...]:
+    recorded = metadata.get("generation_defaults") or {}
+    return tuple((name, recorded[name]) for name in GENERATION_DEFAULTS if name in recorded)
 
 
 def _missing_message(client: MlflowClient, model_uri: str, name: str) -> str:
@@ -160,6 +171,8 @@ def log_and_register(
     alias: str | None = None,
     metadata: dict[str, Any] | None = None,
     max_new_tokens: int = 256,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
 ) -> str:
     """Log ``model`` and ``tokenizer`` with the transformers flavor in the active run (one is
     started when none is), register them as a new version of ``registered_name``, point
@@ -169,12 +182,19 @@ def log_and_register(
     told. The prompt template, stop tokens and tokenization recorded with the model give plain
     ``mlflow.pyfunc`` callers the answers ``apply_instruction`` gives to instructions without
     input; only user text that spells a special token differs (the pipeline reads it as one).
+    Repetition control given here becomes the version's default for ``apply_instruction`` (its
+    metadata). It stays out of the pipeline's model config: transformers' options of the same
+    names also count the prompt, which keeps answers from quoting their input (see
+    ``dolly_spark.inference.repetition``), so plain pyfunc callers generate without it.
     """
     from mlflow.models import infer_signature
 
     from dolly_spark.prompts import stop_token_ids
 
     signature = infer_signature(["What is Spark?"], ["A distributed engine."], params={"max_new_tokens": max_new_tokens})
+    repetition = {name: value for name, value, off in (("repetition_penalty", repetition_penalty, 1.0),
+                                                       ("no_repeat_ngram_size", no_repeat_ngram_size, 0))
+                  if value != off}
     started_here = mlflow.active_run() is None
     if started_here:
         mlflow.start_run(run_name=f"register-{registered_name}")
@@ -197,7 +217,8 @@ def log_and_register(
                 # The pipeline would stop on the generation config's EOS only.
                 "eos_token_id": stop_token_ids(model, tokenizer, prompt_format),
             },
-            metadata={"prompt_format": prompt_format, **(metadata or {})},
+            metadata={"prompt_format": prompt_format, **({"generation_defaults": repetition} if repetition else {}),
+                      **(metadata or {})},
             registered_model_name=registered_name,
             # Stated, not inferred: inference imports optional packages (torchvision) that a
             # text model does not need, and fails where they are missing.

@@ -44,6 +44,10 @@ class SummarizeConfig:
     id_col: str = option("ticket_id", "the ticket id column of the source table (the MERGE key)")
     text_col: str = option("body", "the ticket text column of the source table")
     max_new_tokens: int = option(96, "the longest summary, in tokens")
+    repetition_penalty: float | None = option(None, "> 1 discourages tokens already in the ticket or summary "
+                                              "(1.0: off); default: the value registered with the model version")
+    no_repeat_ngram_size: int | None = option(None, "no n-gram of this size twice in ticket and summary (0: off); "
+                                              "default: the value registered with the model version")
     max_rows: int = option(0, "process at most this many pending tickets in one run (0: all of them)")
     chunk_rows: int = option(5000, "tickets generated and merged per chunk; a crash loses at most one chunk")
     token_budget: int = option(16384, "tokens per generation micro-batch: rows x (prompt + max_new_tokens)")
@@ -175,6 +179,7 @@ def _summarize_chunk(spark: SparkSession, tickets: DataFrame, chunk: int, config
         tickets.repartition(config.partitions or _default_parallelism(spark)), config.instruction,
         model_uri=spec.uri, input_col=config.text_col, key_col=config.id_col, output_col="_result",
         max_new_tokens=config.max_new_tokens, prompt_format=spec.prompt_format, token_budget=config.token_budget,
+        repetition_penalty=config.repetition_penalty, no_repeat_ngram_size=config.no_repeat_ngram_size,
         arrow_batch_size=config.arrow_batch_size, shared_model_dir=config.shared_model_dir or None,
     )
     flat = results.select(config.id_col, "_result.*", F.current_timestamp().alias("processed_at"),

@@ -5,6 +5,8 @@ workers in Arrow batches, and hands them to the engine, which does the batching 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from typing import Iterator
 
@@ -55,6 +57,8 @@ def apply_instruction(
     min_length_ratio: float = 0.75,
     on_overlong: str = "truncate",
     strategy: str = "static",
+    repetition_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
     arrow_batch_size: int | None = None,
     dtype: str | None = None,
     shared_model_dir: str | None = None,
@@ -72,6 +76,10 @@ def apply_instruction(
     runs. The prompt format comes from the registered model's metadata unless
     ``prompt_format`` is given. Sampling (``temperature`` > 0) is seeded per row from
     ``key_col`` (or the row's text), so a retried task reproduces its rows.
+
+    ``repetition_penalty`` (> 1 discourages tokens already in the prompt or answer) and
+    ``no_repeat_ngram_size`` (no n-gram twice) stop small models' loops; None takes the value
+    registered with the model version (see ``registry.log_and_register``), else off.
 
     ``dtype`` ("float32", "bfloat16", "float16") overrides the device default (bf16 or fp16 on
     GPUs, fp32 on CPUs); bf16 on a CPU with AMX is several times faster than fp32, with
@@ -100,12 +108,16 @@ def apply_instruction(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
         token_budget=token_budget, max_batch_rows=max_batch_rows, min_length_ratio=min_length_ratio,
         on_overlong=on_overlong, strategy=strategy,
+        repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size or 0,
     )
     spec = resolve_model(model_uri, prompt_format)
+    settings = with_registered_defaults(settings, spec, repetition_penalty is None, no_repeat_ngram_size is None)
     if shared_model_dir:
         spec = stage_for_executors(spec, shared_model_dir)
-    log.info("apply_instruction: %s resolved to %s (version %s, format %s)",
-             model_uri, spec.uri, spec.version, spec.prompt_format or "auto")
+    log.info("apply_instruction: %s resolved to %s (version %s, format %s, repetition_penalty %s, "
+             "no_repeat_ngram_size %s)", model_uri, spec.uri, spec.version, spec.prompt_format or "auto",
+             settings.repetition_penalty, settings.no_repeat_ngram_size)
     if arrow_batch_size:
         # Session-wide by Spark's design: it is read when the action runs.
         df.sparkSession.conf.set(ARROW_BATCH_CONF, str(arrow_batch_size))
@@ -117,6 +129,18 @@ def apply_instruction(
     context = F.col(input_col) if input_col else F.lit(None).cast("string")
     key = F.col(key_col).cast("string") if key_col else F.lit(None).cast("string")
     return df.withColumn(output_col, generate(instruction_column, context, key))
+
+
+def with_registered_defaults(settings, spec: ModelSpec, penalty_unset: bool, ngram_unset: bool):
+    """``settings`` with the repetition control registered with ``spec``'s version wherever the
+    caller left it unset."""
+    registered = dict(spec.generation_defaults)
+    changes = {}
+    if penalty_unset and "repetition_penalty" in registered:
+        changes["repetition_penalty"] = float(registered["repetition_penalty"])
+    if ngram_unset and "no_repeat_ngram_size" in registered:
+        changes["no_repeat_ngram_size"] = int(registered["no_repeat_ngram_size"])
+    return dataclasses.replace(settings, **changes)
 
 
 def _instruction_column(df: DataFrame, instruction: str | Column) -> Column:

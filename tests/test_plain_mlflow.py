@@ -50,6 +50,24 @@ def test_chat_prompt_template_renders_the_engine_prompt(registered_chat, chat_mo
         assert filled == encode_segments(tokenizer, engine_format.prompt_segments(text))
 
 
+@pytest.fixture(scope="module")
+def registered_chat_without_repeats(mlflow_registry, chat_model):
+    """The same model registered with repetition control as its default."""
+    model, tokenizer = chat_model
+    version = log_and_register(model, tokenizer, "tiny_chat_no_repeats", "chat", max_new_tokens=MAX_NEW_TOKENS,
+                               repetition_penalty=1.3, no_repeat_ngram_size=2)
+    return f"models:/tiny_chat_no_repeats/{version}"
+
+
+def answers_of(spark, model_uri: str, **settings) -> list[str]:
+    """apply_instruction's answers to INSTRUCTIONS, in order; every row must have one."""
+    df = spark.createDataFrame([(i, text) for i, text in enumerate(INSTRUCTIONS)], "id INT, instruction STRING")
+    rows = apply_instruction(df, F.col("instruction"), model_uri=model_uri,
+                             max_new_tokens=MAX_NEW_TOKENS, **settings).orderBy("id").collect()
+    assert all(row["response"]["error"] is None for row in rows)
+    return [row["response"]["response"] for row in rows]
+
+
 def test_plain_pyfunc_answers_equal_apply_instruction(spark, registered_chat):
     import mlflow
 
@@ -57,18 +75,32 @@ def test_plain_pyfunc_answers_equal_apply_instruction(spark, registered_chat):
     # Tokenized as the engine does: the chat template writes any BOS itself.
     assert model.model_config["add_special_tokens"] is False
     plain = model.predict(INSTRUCTIONS, params={"max_new_tokens": MAX_NEW_TOKENS})
+    engine = answers_of(spark, registered_chat)
 
-    df = spark.createDataFrame([(i, text) for i, text in enumerate(INSTRUCTIONS)], "id INT, instruction STRING")
-    rows = apply_instruction(df, F.col("instruction"), model_uri=registered_chat,
-                             max_new_tokens=MAX_NEW_TOKENS).orderBy("id").collect()
-    engine = [row["response"]["response"] for row in rows]
-
-    assert all(row["response"]["error"] is None for row in rows)
     # Different prompts give different answers: equal lists below mean the prompts matched.
     assert len(set(engine)) == len(INSTRUCTIONS)
     # Both sides strip surrounding whitespace (the engine's parser and MLflow's output cleanup);
     # nothing else is normalised.
     assert list(plain) == engine
+
+
+def test_registered_repetition_control_is_apply_instructions_default_only(registered_chat_without_repeats):
+    import mlflow
+
+    from dolly_spark.engine import GenerationSettings
+    from dolly_spark.registry import resolve_model
+    from dolly_spark.udf import with_registered_defaults
+
+    info = mlflow.models.get_model_info(registered_chat_without_repeats)
+    assert info.metadata["generation_defaults"] == {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2}
+    # transformers' options of the same names would also count the prompt: not for the pipeline.
+    config = mlflow.pyfunc.load_model(registered_chat_without_repeats).model_config
+    assert "repetition_penalty" not in config and "no_repeat_ngram_size" not in config
+    spec = resolve_model(registered_chat_without_repeats)
+    unset = with_registered_defaults(GenerationSettings(), spec, penalty_unset=True, ngram_unset=True)
+    assert (unset.repetition_penalty, unset.no_repeat_ngram_size) == (1.3, 2)
+    chosen = with_registered_defaults(GenerationSettings(no_repeat_ngram_size=0), spec, True, False)
+    assert (chosen.repetition_penalty, chosen.no_repeat_ngram_size) == (1.3, 0)
 
 
 def test_registered_stop_tokens_are_the_engines(registered_chat, chat_model):

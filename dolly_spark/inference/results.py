@@ -18,6 +18,10 @@ class GenerationSettings:
     starts a new group (0 prefills the micro-batch as one group); then the whole micro-batch
     decodes together. ``on_overlong``: "truncate" cuts the context from its
     end and flags the row; "error" answers the row with an error instead.
+    ``repetition_penalty`` (> 1 discourages every token already in the row's answer, with
+    transformers' arithmetic; 1.0: off) and ``no_repeat_ngram_size`` (no n-gram of that size twice
+    in a row's answer; 0: off) stop the loops small models fall into. Unlike transformers' options
+    of the same names, they never count the prompt, so an answer may quote its input.
     ``reuse_prefix``: the prompt tokens every row of a micro-batch shares (the template and a
     literal instruction, before each row's input) are prefilled once, not once per row.
     """
@@ -32,6 +36,8 @@ class GenerationSettings:
     min_length_ratio: float = 0.75
     on_overlong: str = "truncate"
     strategy: str = "static"
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
     reuse_prefix: bool = True
 
     def __post_init__(self):
@@ -47,9 +53,17 @@ class GenerationSettings:
                 f"{self.temperature}, top_p={self.top_p}, top_k={self.top_k}"
             )
 
+        if self.repetition_penalty <= 0 or self.no_repeat_ngram_size < 0:
+            raise ValueError(f"need repetition_penalty > 0 (1.0: off) and no_repeat_ngram_size >= 0 (0: off); got "
+                             f"{self.repetition_penalty} and {self.no_repeat_ngram_size}")
+
     @property
     def sampling(self) -> bool:
         return self.temperature > 0
+
+    @property
+    def controls_repetition(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
 
 
 @dataclass

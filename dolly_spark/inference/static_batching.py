@@ -23,6 +23,7 @@ from dolly_spark.devices import variable_shape_attention
 from dolly_spark.inference.encoder import EncodedRow
 from dolly_spark.inference.generators import Backend, generation_config
 from dolly_spark.inference.planner import prefill_groups, shared_prefix_length
+from dolly_spark.inference.repetition import RepetitionControl
 from dolly_spark.inference.results import GenerationSettings
 from dolly_spark.ragged_attention import CacheLayout
 
@@ -77,6 +78,10 @@ class StaticBatching(Backend):
                                                                          self.settings.min_length_ratio)]
         input_ids, mask = self._laid_out(groups, longest, prefix)
         processors = LogitsProcessorList()
+        if self.settings.controls_repetition:  # before sampling: it shapes what is sampled from
+            processors.append(RepetitionControl(
+                len(batch), longest, self.settings.repetition_penalty,
+                self.settings.no_repeat_ngram_size, self.model.get_output_embeddings().weight.shape[0], self.device))
         if self.settings.sampling:
             processors.append(RowSeededSampler([row.seed for row in batch], self.settings, self.device))
         with torch.inference_mode(), variable_shape_attention(self.device):

@@ -1,0 +1,80 @@
+"""Repetition control: transformers' arithmetic on each row's own tokens, so a row's answer does
+not depend on the padding its micro-batch gives it."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+from dolly_spark.engine import GenerationSettings, InstructionEngine
+from dolly_spark.inference.repetition import RepetitionControl
+from test_engine import LENGTHS_CONTEXTS, LENGTHS_INSTRUCTIONS
+
+VOCAB = 50
+
+
+@pytest.mark.parametrize("penalty,ngram", [(1.3, 0), (1.0, 3), (1.2, 2), (1.0, 1)])
+def test_transformers_arithmetic_on_each_rows_answer_alone(penalty, ngram):
+    generator = torch.Generator().manual_seed(0)
+    prompts = [[3, 4, 5, 3, 4, 9], [7, 7, 8]]
+    answers = [[5, 3, 4, 5, 3], [8, 7, 7, 1, 8]]
+    width = 6  # the second prompt is left-padded with pad id 0
+    padded = torch.tensor([prompts[0] + answers[0], [0, 0, 0] + prompts[1] + answers[1]])
+    scores = torch.randn((2, VOCAB), generator=generator)
+    control = RepetitionControl(2, width, penalty, ngram, VOCAB, torch.device("cpu"))
+    control(padded[:, :width + 2], scores.clone())  # an earlier step
+    ours = control(padded, scores.clone())
+    for row in range(2):
+        alone = torch.tensor([answers[row]])
+        expected = scores[row:row + 1].clone()
+        if penalty != 1.0:
+            expected = RepetitionPenaltyLogitsProcessor(penalty)(alone, expected)
+        if ngram:
+            expected = NoRepeatNGramLogitsProcessor(ngram)(alone, expected)
+        assert torch.equal(ours[row:row + 1], expected)
+
+
+def test_prompt_and_padding_are_not_counted():
+    control = RepetitionControl(2, 3, 2.0, 0, 10, torch.device("cpu"))
+    out = control(torch.tensor([[5, 6, 7, 2], [0, 0, 8, 3]]), torch.ones((2, 10)))
+    assert out[0, 2] == 0.5 and out[1, 3] == 0.5  # generated: penalized
+    assert out[0, 5] == 1.0 and out[1, 0] == 1.0 and out[1, 8] == 1.0  # prompt and padding: not
+
+
+@pytest.mark.parametrize("reuse_prefix", [True, False])
+def test_batched_answers_equal_one_row_at_a_time_with_repetition_control(tiny_model, reuse_prefix):
+    settings = GenerationSettings(max_new_tokens=12, token_budget=100_000, repetition_penalty=1.3,
+                                  no_repeat_ngram_size=3, reuse_prefix=reuse_prefix)
+    engine = InstructionEngine(*tiny_model, "dolly", settings)
+    batched = engine.run(LENGTHS_INSTRUCTIONS, LENGTHS_CONTEXTS)
+    single = [engine.run([i], [c])[0] for i, c in zip(LENGTHS_INSTRUCTIONS, LENGTHS_CONTEXTS)]
+    assert [(r.response, r.completion_tokens) for r in batched] == [(r.response, r.completion_tokens) for r in single]
+    plain = InstructionEngine(*tiny_model, "dolly", GenerationSettings(max_new_tokens=12, token_budget=100_000))
+    assert [r.response for r in plain.run(LENGTHS_INSTRUCTIONS, LENGTHS_CONTEXTS)] != [r.response for r in batched]
+
+
+def test_no_bigram_is_generated_twice_in_an_answer(tiny_model):
+    engine = InstructionEngine(*tiny_model, "dolly", GenerationSettings(
+        max_new_tokens=24, token_budget=100_000, no_repeat_ngram_size=2))
+    generated: dict[int, list[int]] = {}
+    parse = engine.parser.parse
+
+    def recording_parse(row, tokens):
+        generated[row.index] = list(tokens)
+        return parse(row, tokens)
+
+    engine.parser.parse = recording_parse
+    engine.run(LENGTHS_INSTRUCTIONS, LENGTHS_CONTEXTS)
+    stops = set(engine.stop_ids)
+    for index, tokens in generated.items():
+        answer = tokens[:next((p for p, t in enumerate(tokens) if t in stops), len(tokens))]
+        bigrams = [tuple(answer[p:p + 2]) for p in range(len(answer) - 1)]
+        assert len(answer) >= 3
+        assert len(set(bigrams)) == len(bigrams), (index, answer)
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        GenerationSettings(repetition_penalty=0)
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        GenerationSettings(no_repeat_ngram_size=-1)
