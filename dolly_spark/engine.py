@@ -181,7 +181,12 @@ class InstructionEngine:
     def _generate(self, batch: list[EncodedRow]) -> list[list[int]]:
         # Continuous batching is greedy-only here: the row-seeded sampler and the per-row
         # repetition control need the static backend's padded layout.
-        if self._strategy == "continuous" and not self.settings.sampling and not self.settings.controls_repetition:
+        if self._strategy == "continuous" and (self.settings.sampling or self.settings.controls_repetition):
+            log.warning("strategy 'continuous' runs greedy decoding without repetition control only; "
+                        "using static batching (temperature=%s, repetition_penalty=%s, no_repeat_ngram_size=%s)",
+                        self.settings.temperature, self.settings.repetition_penalty, self.settings.no_repeat_ngram_size)
+            self._strategy = "static"
+        if self._strategy == "continuous":
             try:
                 return self.continuous.generate(batch)
             except Exception as exc:  # noqa: BLE001 - unsupported architectures fall back

@@ -88,10 +88,10 @@ def _can_switch(model: Any) -> bool:
     config = model.config
     return (getattr(config, "_attn_implementation", None) == "sdpa" and hasattr(model, "set_attn_implementation")
             # one implementation for the whole model: nothing to restore per sub-model
-            and not getattr(config, "sub_configs", None) and not _has_sliding_window(config))
+            and not getattr(config, "sub_configs", None) and not has_sliding_window(config))
 
 
-def _has_sliding_window(config: Any) -> bool:
+def has_sliding_window(config: Any) -> bool:
     """A sliding-window layer keeps a rolling buffer whose columns are not absolute positions,
     so the live columns cannot be cut by position there."""
     layer_types = getattr(config, "layer_types", None) or []

@@ -44,9 +44,9 @@ class SummarizeConfig:
     id_col: str = option("ticket_id", "the ticket id column of the source table (the MERGE key)")
     text_col: str = option("body", "the ticket text column of the source table")
     max_new_tokens: int = option(96, "the longest summary, in tokens")
-    repetition_penalty: float | None = option(None, "> 1 discourages tokens already in the ticket or summary "
+    repetition_penalty: float | None = option(None, "> 1 discourages tokens already in the summary "
                                               "(1.0: off); default: the value registered with the model version")
-    no_repeat_ngram_size: int | None = option(None, "no n-gram of this size twice in ticket and summary (0: off); "
+    no_repeat_ngram_size: int | None = option(None, "no n-gram of this size twice in the summary (0: off); "
                                               "default: the value registered with the model version")
     max_rows: int = option(0, "process at most this many pending tickets in one run (0: all of them)")
     chunk_rows: int = option(5000, "tickets generated and merged per chunk; a crash loses at most one chunk")

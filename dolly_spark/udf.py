@@ -77,8 +77,8 @@ def apply_instruction(
     ``prompt_format`` is given. Sampling (``temperature`` > 0) is seeded per row from
     ``key_col`` (or the row's text), so a retried task reproduces its rows.
 
-    ``repetition_penalty`` (> 1 discourages tokens already in the prompt or answer) and
-    ``no_repeat_ngram_size`` (no n-gram twice) stop small models' loops; None takes the value
+    ``repetition_penalty`` (> 1 discourages tokens already in the answer) and
+    ``no_repeat_ngram_size`` (no n-gram twice in the answer) stop small models' loops; None takes the value
     registered with the model version (see ``registry.log_and_register``), else off.
 
     ``dtype`` ("float32", "bfloat16", "float16") overrides the device default (bf16 or fp16 on

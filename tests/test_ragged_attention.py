@@ -75,8 +75,18 @@ def test_ragged_decoding_matches_plain_sdpa_after_a_shared_prefix(model_and_toke
         return engine, [(r.response, r.finish_reason, r.completion_tokens) for r in engine.run(instructions, contexts)]
 
     settings = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS, token_budget=100_000, min_length_ratio=min_length_ratio)
+    switched: list[bool] = []
+    switch = engine_module.ragged_attention
+
+    @contextlib.contextmanager
+    def recording_switch(model, layout):
+        with switch(model, layout) as used:
+            switched.append(used)
+            yield used
+
+    monkeypatch.setattr(engine_module, "ragged_attention", recording_switch)
     engine, ragged_results = answers(settings)
-    assert engine.stats.reused_prefix_tokens > 0
+    assert engine.stats.reused_prefix_tokens > 0 and switched and all(switched)
     monkeypatch.setattr(engine_module, "ragged_attention", lambda model, layout: contextlib.nullcontext(False))
     assert answers(settings)[1] == ragged_results
 

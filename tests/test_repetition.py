@@ -21,7 +21,7 @@ def test_transformers_arithmetic_on_each_rows_answer_alone(penalty, ngram):
     width = 6  # the second prompt is left-padded with pad id 0
     padded = torch.tensor([prompts[0] + answers[0], [0, 0, 0] + prompts[1] + answers[1]])
     scores = torch.randn((2, VOCAB), generator=generator)
-    control = RepetitionControl(2, width, penalty, ngram, VOCAB, torch.device("cpu"))
+    control = RepetitionControl(2, width, penalty, ngram)
     control(padded[:, :width + 2], scores.clone())  # an earlier step
     ours = control(padded, scores.clone())
     for row in range(2):
@@ -35,7 +35,7 @@ def test_transformers_arithmetic_on_each_rows_answer_alone(penalty, ngram):
 
 
 def test_prompt_and_padding_are_not_counted():
-    control = RepetitionControl(2, 3, 2.0, 0, 10, torch.device("cpu"))
+    control = RepetitionControl(2, 3, 2.0, 0)
     out = control(torch.tensor([[5, 6, 7, 2], [0, 0, 8, 3]]), torch.ones((2, 10)))
     assert out[0, 2] == 0.5 and out[1, 3] == 0.5  # generated: penalized
     assert out[0, 5] == 1.0 and out[1, 0] == 1.0 and out[1, 8] == 1.0  # prompt and padding: not
@@ -78,3 +78,20 @@ def test_settings_are_checked():
         GenerationSettings(repetition_penalty=0)
     with pytest.raises(ValueError, match="no_repeat_ngram_size"):
         GenerationSettings(no_repeat_ngram_size=-1)
+
+
+def test_a_checkpoints_own_repetition_settings_do_not_leak_in(tiny_model):
+    """transformers fills generate's unset options from the model's generation_config; its
+    repetition rules count prompt and padding, so they must stay off in the engine."""
+    model, tokenizer = tiny_model
+    settings = GenerationSettings(max_new_tokens=12, token_budget=100_000)
+    expected = [r.response for r in InstructionEngine(model, tokenizer, "dolly", settings).run(
+        LENGTHS_INSTRUCTIONS, LENGTHS_CONTEXTS)]
+    shipped = model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size
+    model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 5.0, 1
+    try:
+        answers = [r.response for r in InstructionEngine(model, tokenizer, "dolly", settings).run(
+            LENGTHS_INSTRUCTIONS, LENGTHS_CONTEXTS)]
+    finally:
+        model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = shipped
+    assert answers == expected

@@ -38,6 +38,10 @@ def generation_config(settings: GenerationSettings, stop_ids: list[int], pad_id:
         eos_token_id=stop_ids,
         pad_token_id=pad_id,
         use_cache=True,
+        # Off here whatever the checkpoint's generation_config ships: transformers' versions count
+        # the prompt and the padding. The engine's own control is ``repetition.RepetitionControl``.
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
         # Every micro-batch has its own shape; compiling the forward for the preallocated
         # cache (what generate does on a GPU by default) would recompile again and again.
         disable_compile=True,

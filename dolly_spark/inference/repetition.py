@@ -16,8 +16,7 @@ from transformers import LogitsProcessor
 
 
 class RepetitionControl(LogitsProcessor):
-    def __init__(self, rows: int, prompt_width: int, penalty: float, ngram_size: int, vocab_size: int,
-                 device: torch.device):
+    def __init__(self, rows: int, prompt_width: int, penalty: float, ngram_size: int):
         """``prompt_width``: where the generated tokens start in ``input_ids``."""
         self.penalty = penalty
         self.ngram_size = ngram_size
@@ -25,15 +24,18 @@ class RepetitionControl(LogitsProcessor):
         self.answers: list[list[int]] = [[] for _ in range(rows)]
         # Per row: each (n-1)-gram of its answer -> the tokens that followed it.
         self.followers: list[dict[tuple[int, ...], set[int]]] = [{} for _ in range(rows)]
-        self.seen = torch.zeros((rows, vocab_size), dtype=torch.bool, device=device)
+        self.seen: torch.Tensor | None = None  # rows × vocabulary, sized by the first scores
+
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.seen is None:
+            self.seen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
         new = input_ids[:, self.prompt_width + len(self.answers[0]):]
         if new.shape[1]:
             self._record(new)
         if self.penalty != 1.0:
             penalized = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
-            scores = torch.where(self.seen[:, : scores.shape[-1]], penalized, scores)
+            scores = torch.where(self.seen, penalized, scores)
         if self.ngram_size > 0:
             banned = [(row, token) for row in range(len(self.answers)) for token in self._banned(row)]
             if banned:

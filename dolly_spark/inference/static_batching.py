@@ -25,7 +25,7 @@ from dolly_spark.inference.generators import Backend, generation_config
 from dolly_spark.inference.planner import prefill_groups, shared_prefix_length
 from dolly_spark.inference.repetition import RepetitionControl
 from dolly_spark.inference.results import GenerationSettings
-from dolly_spark.ragged_attention import CacheLayout
+from dolly_spark.ragged_attention import CacheLayout, has_sliding_window
 
 AttentionSwitch = Callable[[Any, CacheLayout], ContextManager[bool]]
 
@@ -68,20 +68,23 @@ class StaticBatching(Backend):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.cache_kwarg = cache_argument(self.model)
+        # A sliding-window layer keeps only its last window of keys: a cache built here from
+        # whole prompts would not fit it, so such models leave the whole prefill to generate.
+        self.prefills_itself = not has_sliding_window(self.model.config)
 
     def generate(self, batch: list[EncodedRow], attention: AttentionSwitch) -> list[list[int]]:
         """``attention`` switches the model to the ragged decoding attention for one generate
         call (see ``dolly_spark.ragged_attention``)."""
         longest = max(len(row.ids) for row in batch)
-        prefix = shared_prefix_length([row.ids for row in batch]) if self.settings.reuse_prefix else 0
-        groups = [[batch[p] for p in group] for group in prefill_groups([len(row.ids) for row in batch],
-                                                                         self.settings.min_length_ratio)]
+        prefix = (shared_prefix_length([row.ids for row in batch])
+                  if self.settings.reuse_prefix and self.prefills_itself else 0)
+        ratio = self.settings.min_length_ratio if self.prefills_itself else 0.0
+        groups = [[batch[p] for p in group] for group in prefill_groups([len(row.ids) for row in batch], ratio)]
         input_ids, mask = self._laid_out(groups, longest, prefix)
         processors = LogitsProcessorList()
         if self.settings.controls_repetition:  # before sampling: it shapes what is sampled from
-            processors.append(RepetitionControl(
-                len(batch), longest, self.settings.repetition_penalty,
-                self.settings.no_repeat_ngram_size, self.model.get_output_embeddings().weight.shape[0], self.device))
+            processors.append(RepetitionControl(len(batch), longest, self.settings.repetition_penalty,
+                                                self.settings.no_repeat_ngram_size))
         if self.settings.sampling:
             processors.append(RowSeededSampler([row.seed for row in batch], self.settings, self.device))
         with torch.inference_mode(), variable_shape_attention(self.device):
