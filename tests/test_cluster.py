@@ -58,7 +58,9 @@ def one_row_per_ticket(spark, home: Path, table: str) -> dict[str, str]:
     return {row["ticket_id"]: row["response"] for row in rows}
 
 
-def wait_for(condition, what: str, process, timeout: float = 300) -> None:
+def wait_for(condition, what: str, process, timeout: float = 600) -> None:
+    # Generous: the first chunk on a fresh cluster (JVMs, Delta, the model load) takes minutes on
+    # two busy cores; a job that dies fails at once through the poll below.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
