@@ -80,7 +80,7 @@ class StaticBatching(Backend):
                   if self.settings.reuse_prefix and self.prefills_itself else 0)
         ratio = self.settings.min_length_ratio if self.prefills_itself else 0.0
         groups = [[batch[p] for p in group] for group in prefill_groups([len(row.ids) for row in batch], ratio)]
-        input_ids, mask = self._laid_out(groups, longest, prefix)
+        input_ids, mask = (tensor.to(self.device) for tensor in self._laid_out(groups, longest, prefix))
         processors = LogitsProcessorList()
         if self.settings.controls_repetition:  # before sampling: it shapes what is sampled from
             processors.append(RepetitionControl(len(batch), longest, self.settings.repetition_penalty,
@@ -92,15 +92,15 @@ class StaticBatching(Backend):
             # a prompt padded to twice its length costs twice as much. So prompts of similar
             # length are prefilled together, and the micro-batch then decodes as one batch:
             # decoding re-reads every weight per step, which a larger batch shares.
-            cache = self._prefill(groups, longest, prefix) if prefix or len(groups) > 1 else None
+            cache = self._prefill(groups, input_ids, mask, prefix) if prefix or len(groups) > 1 else None
             config = generation_config(self.settings, self.stop_ids, self.pad_id)
             if cache is None:
                 # A preallocated cache: a growing one copies itself at every decoding step.
                 config.cache_implementation = "static"
             with attention(self.model, self._cache_layout(groups, longest, prefilled=cache is not None)):
                 output = self.model.generate(
-                    input_ids=input_ids.to(self.device),
-                    attention_mask=mask.to(self.device),
+                    input_ids=input_ids,
+                    attention_mask=mask,
                     generation_config=config,
                     logits_processor=processors,
                     **({self.cache_kwarg: cache} if cache is not None else {}),
@@ -143,20 +143,22 @@ class StaticBatching(Backend):
                 position += 1
         return input_ids, mask
 
-    def _prefill(self, groups: list[list[EncodedRow]], longest: int, prefix: int):
+    def _prefill(self, groups: list[list[EncodedRow]], input_ids: torch.Tensor, mask: torch.Tensor, prefix: int):
         """The KV cache of every prompt but its last token, laid out for ``longest - 1``
         positions, for ``generate`` to continue from: the shared prefix computed once, then each
-        group's own tokens computed against it. The cache is preallocated for the whole
-        generation, so decoding steps write into it in place."""
+        group's own tokens computed against it, read from the micro-batch's laid-out ``input_ids``
+        and ``mask``. The cache is preallocated for the whole generation, so decoding steps write
+        into it in place."""
+        longest = input_ids.shape[1]
         prefix_states = self._prefix_states(groups[0][0].ids[:prefix]) if prefix else None
         # Per layer, the keys and values of every row, laid out over ``longest - 1`` positions:
         # each group's states are copied once into their rows, nothing is padded or concatenated.
         layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         total_rows, first_row = sum(len(group) for group in groups), 0
         for group in groups:
-            length = len(group[0].ids)
-            group_states = self._group_states(group, prefix, prefix_states)
-            rows, shift = slice(first_row, first_row + len(group)), longest - length
+            rows, shift = slice(first_row, first_row + len(group)), longest - len(group[0].ids)
+            # From the group's first column: its prefix, then its rows' own tokens left-padded.
+            group_states = self._group_states(input_ids[rows, shift + prefix:], mask[rows, shift:], prefix, prefix_states)
             for index, states_pair in enumerate(group_states):
                 if len(layers) <= index:  # first group: allocate the layer's padded states
                     layers.append(tuple(states.new_empty((total_rows, states.shape[1], longest - 1, states.shape[3]))
@@ -179,18 +181,12 @@ class StaticBatching(Backend):
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         return [(layer.keys, layer.values) for layer in getattr(out, self.cache_kwarg).layers]
 
-    def _group_states(self, group: list[EncodedRow], prefix: int,
+    def _group_states(self, own_ids: torch.Tensor, mask: torch.Tensor, prefix: int,
                       prefix_states: list[tuple[torch.Tensor, torch.Tensor]] | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the keys and values of a group's prompts but their last tokens: the shared
-        prefix's, then each row's own tokens left-padded to the group's longest."""
-        own = len(group[0].ids) - prefix  # the group's longest own part
-        ids = torch.full((len(group), own), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(group), prefix + own), dtype=torch.long)
-        mask[:, :prefix] = 1
-        for position, row in enumerate(group):
-            ids[position, own - (len(row.ids) - prefix):] = torch.tensor(row.ids[prefix:])
-            mask[position, prefix + own - (len(row.ids) - prefix):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        prefix's, then ``own_ids``, each row's own tokens left-padded to the group's longest;
+        ``mask`` covers both."""
+        rows, own = own_ids.shape
         # Positions follow the attention mask, as generate numbers them, so the cached keys
         # sit where the decoding steps expect them.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix:]
@@ -198,9 +194,9 @@ class StaticBatching(Backend):
         if prefix_states is not None:
             past = DynamicCache()
             for index, (keys, values) in enumerate(prefix_states):
-                past.update(keys.expand(len(group), -1, -1, -1), values.expand(len(group), -1, -1, -1), index)
+                past.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), index)
             if own == 1:  # every row's own part is its last token, which generate feeds
                 return [(layer.keys, layer.values) for layer in past.layers]
-        out = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+        out = self.model(input_ids=own_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
                          use_cache=True, logits_to_keep=1, **({self.cache_kwarg: past} if past is not None else {}))
         return [(layer.keys, layer.values) for layer in getattr(out, self.cache_kwarg).layers]
