@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "pyarrow>=11,<27",
     "pyyaml>=6,<7",
     "filelock>=3.12,<5",
+    "rouge-score>=0.1.2,<0.2",
 ]
 
 EXTRAS_REQUIRE = {

@@ -81,8 +81,13 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
     print(f"registered {report.model_name} version {report.version} as @{config.alias} "
           f"({report.train_records} train / {report.eval_records} eval examples, skipped {report.skipped}, "
           f"{report.train_seconds:.1f}s training)")
-    headline = [f"{stage}_{name}" for stage in ("before", "after") for name in ("eval_loss", "rouge_l", "exact_match")]
+    headline = [f"{stage}_{name}" for stage in ("before", "after")
+                for name in ("eval_loss", "rouge_l", "exact_match", "stop_rate")]
     print(", ".join(f"{key}={report.metrics[key]:.4f}" for key in headline + ["train_loss"] if key in report.metrics))
+    if "rouge_l_gain" in report.metrics:
+        gain = report.metrics
+        print(f"ROUGE-L gain over the base in its own format: {gain['rouge_l_gain']:+.4f} "
+              f"(95% bootstrap interval {gain['rouge_l_gain_low']:+.4f} to {gain['rouge_l_gain_high']:+.4f})")
     return 0
 
 
@@ -94,8 +99,9 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
                         "Evaluate the challenger against the champion and promote it when it wins.")
     report = run_evaluate_and_promote(config)
     champion = f"v{report.champion_version} {config.metric}={report.champion_score:.4f}" if report.champion_score is not None else "none"
-    print(f"challenger v{report.challenger_version} {config.metric}={report.challenger_score:.4f}, champion {champion}: "
-          f"{'promoted' if report.promoted else 'not promoted'}")
+    base = f"{config.metric}={report.base_score:.4f}" if report.base_score is not None else "not compared"
+    print(f"challenger v{report.challenger_version} {config.metric}={report.challenger_score:.4f}, champion {champion}, "
+          f"base {base}: {'promoted' if report.promoted else 'not promoted'}")
     return 0
 
 

@@ -1,7 +1,9 @@
 """Tiny models for tests and benchmarks: built locally in seconds, no network.
 
 A GPT-NeoX causal LM (the Dolly / pythia architecture) with random weights and a byte-level
-BPE tokenizer trained on the spot, with the Dolly special tokens added and pad = eos.
+BPE tokenizer trained on the spot, with the Dolly special tokens added and pad = eos. Without
+the Dolly keys it stands for a chat model instead: ChatML turn tokens, a chat template, and a
+generation config that ends on the end-of-turn token as well as on EOS.
 """
 from __future__ import annotations
 
@@ -18,8 +20,12 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-def train_tiny_tokenizer(corpus: Iterable[str], vocab_size: int = 512):
-    """A byte-level BPE tokenizer trained on ``corpus``, with the Dolly special tokens added."""
+CHAT_TURN_TOKENS = ["<|im_start|>", "<|im_end|>"]
+
+
+def train_tiny_tokenizer(corpus: Iterable[str], vocab_size: int = 512, dolly_keys: bool = True):
+    """A byte-level BPE tokenizer trained on ``corpus``, with the chat turn tokens and (unless
+    ``dolly_keys`` is False) the Dolly special tokens added."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -33,7 +39,8 @@ def train_tiny_tokenizer(corpus: Iterable[str], vocab_size: int = 512):
     )
     backend.train_from_iterator(list(corpus) + [INTRO_BLURB], trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(DOLLY_SPECIAL_TOKENS) + ["<|im_start|>", "<|im_end|>"]})
+    keys = list(DOLLY_SPECIAL_TOKENS) if dolly_keys else []
+    tokenizer.add_special_tokens({"additional_special_tokens": keys + CHAT_TURN_TOKENS})
     tokenizer.chat_template = TINY_CHAT_TEMPLATE
     return tokenizer
 
@@ -62,10 +69,13 @@ def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, layers: in
     return model
 
 
-def save_tiny_model(directory: Path, corpus: Iterable[str], seed: int = 0) -> Path:
-    """Build a tiny model and tokenizer and save them as a checkpoint in ``directory``."""
-    tokenizer = train_tiny_tokenizer(corpus)
+def save_tiny_model(directory: Path, corpus: Iterable[str], seed: int = 0, dolly_keys: bool = True) -> Path:
+    """Build a tiny model and tokenizer and save them as a checkpoint in ``directory``; without
+    ``dolly_keys``, a chat model that also stops at its end-of-turn token."""
+    tokenizer = train_tiny_tokenizer(corpus, dolly_keys=dolly_keys)
     model = build_tiny_model(tokenizer, seed=seed)
+    if not dolly_keys:
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -27,7 +27,9 @@ defaults = FinetuneConfig()
 dbutils.widgets.text("base_model", defaults.base_model, "Base model (hub id, local checkpoint or models:/ URI)")
 dbutils.widgets.text("train_data", defaults.train_data, "Training records: Delta table, JSONL path or databricks/databricks-dolly-15k")
 dbutils.widgets.text("model_name", defaults.model_name, "Registered model (catalog.schema.model)")
-dbutils.widgets.text("max_steps", str(defaults.max_steps), "Training steps")
+dbutils.widgets.dropdown("prompt_format", defaults.prompt_format, ["auto", "dolly", "chat"], "Format trained in")
+dbutils.widgets.text("epochs", str(defaults.epochs), "Passes over the training records")
+dbutils.widgets.text("max_steps", str(defaults.max_steps), "Cap on optimizer steps (0: none)")
 dbutils.widgets.text("max_eval_records", str(defaults.max_eval_records), "Held-out records scored before and after")
 dbutils.widgets.text("experiment", defaults.experiment, "MLflow experiment")
 
@@ -37,6 +39,8 @@ config = FinetuneConfig(
     base_model=dbutils.widgets.get("base_model"),
     train_data=dbutils.widgets.get("train_data"),
     model_name=dbutils.widgets.get("model_name"),
+    prompt_format=dbutils.widgets.get("prompt_format"),
+    epochs=float(dbutils.widgets.get("epochs")),
     max_steps=int(dbutils.widgets.get("max_steps")),
     max_eval_records=int(dbutils.widgets.get("max_eval_records")),
     experiment=dbutils.widgets.get("experiment"),

@@ -1,5 +1,6 @@
-"""Fine-tuning on the tiny model: masking, data hygiene, MLflow lineage, and the round trip
-train → register → apply_instruction that reproduces the training answers."""
+"""Fine-tuning on the tiny model: masking in both training formats, data hygiene, MLflow lineage,
+the fair baseline on a real held-out split, the round trip train → register → apply_instruction
+that reproduces the training answers, and promotion that never rewards a regression."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from dolly_spark.prompts import get_format
 from dolly_spark.training.data import stratified_split, validate_records
 from dolly_spark.training.examples import IGNORE_INDEX, encode_example
-from dolly_spark.training.scoring import exact_match, rouge_l, score_by_category
+from dolly_spark.training.scoring import exact_match, paired_bootstrap, rouge_l, score_by_category
 
 RECORDS = [
     {"instruction": "What color is the sky?", "context": "", "response": "The sky is blue.", "category": "open_qa"},
@@ -57,18 +58,57 @@ def test_split_is_stratified_and_seeded():
                for i, c in enumerate(["x"] * 10 + ["y"] * 4 + ["z"])]
     train, held = stratified_split(records, 0.2, seed=7)
     assert sorted(r["category"] for r in held) == ["x", "x", "y"]
+    assert [r["category"] for r in held[:2]] == ["x", "y"]  # categories in turn: a cap stays stratified
     assert len(train) + len(held) == len(records)
     assert stratified_split(records, 0.2, seed=7) == (train, held)
     assert stratified_split(records, 0.2, seed=8)[1] != held
 
 
-def test_rouge_l_and_exact_match():
+def test_rouge_l_exact_match_stop_rate_and_bootstrap():
     assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
     assert rouge_l("the cat", "the cat sat on the mat") == pytest.approx(2 * (1 * 2 / 6) / (1 + 2 / 6))
+    # Standard ROUGE-L stems words, so an inflection still counts as the same word.
+    assert rouge_l("the cats sat", "the cat sat") == 1.0
     assert rouge_l("", "anything") == 0.0 and rouge_l(None, "x") == 0.0
     assert exact_match("Positive.", "positive") == 1.0 and exact_match("Positive!", "Negative.") == 0.0
-    scores = score_by_category(["a b", "c"], ["a b", "d"], ["k", "m"])
-    assert scores["overall"]["exact_match"] == 0.5 and scores["k"]["rouge_l"] == 1.0
+    scores = score_by_category(["a b", "c", "e"], ["a b", "d", "e"], ["k", "m", "m"], stopped=[True, False, True])
+    assert scores["overall"]["exact_match"] == pytest.approx(2 / 3) and scores["k"]["rouge_l"] == 1.0
+    assert scores["m"]["stop_rate"] == 0.5 and scores["overall"]["stop_rate"] == pytest.approx(2 / 3)
+    gain, low, high = paired_bootstrap([0.1, 0.2, 0.3, 0.2] * 5, [0.3, 0.3, 0.4, 0.2] * 5)
+    assert gain == pytest.approx(0.1) and 0 < low < gain < high < 0.2
+    gain, low, high = paired_bootstrap([0.1, 0.5] * 10, [0.5, 0.1] * 10)
+    assert gain == pytest.approx(0) and low < 0 < high  # no gain: the interval holds 0
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_dir(tmp_path_factory):
+    """A tiny chat model: a chat template and end-of-turn token, no Dolly keys in its vocabulary."""
+    from conftest import tokenizer_corpus
+
+    from dolly_spark.testing import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_chat"), tokenizer_corpus(), seed=1, dolly_keys=False)
+
+
+def test_chat_format_loss_falls_on_the_assistant_turn_and_its_end_of_turn_only(tiny_chat_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dolly_spark.prompts import stop_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_dir)
+    fmt = get_format("chat", tokenizer)
+    record = RECORDS[2]
+    example = encode_example(tokenizer, fmt, record, stop_token_ids(model, tokenizer, "chat"))
+    ids, labels = example["input_ids"], example["labels"]
+    learned = [token for token, label in zip(ids, labels) if label != IGNORE_INDEX]
+    assert [label for label in labels if label != IGNORE_INDEX] == learned
+    assert tokenizer.decode(learned) == "Router reboots hourly.<|im_end|>"
+    # Everything before is the prompt (the user turn and the generation prompt), and the
+    # template's newline after the end-of-turn token is not learned either.
+    first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert tokenizer.decode(ids[:first]).endswith("My router reboots every hour.<|im_end|>\n<|im_start|>assistant\n")
+    assert tokenizer.decode(ids[first + len(learned):]) == "\n"
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +123,7 @@ def finetuned(mlflow_registry, training_table, tiny_model_dir, spark):
     from dolly_spark.training.finetune import FinetuneConfig, run_finetune
 
     config = FinetuneConfig(
-        base_model=str(tiny_model_dir), train_data=training_table, model_name="tuned_dolly", max_steps=80,
+        base_model=str(tiny_model_dir), train_data=training_table, model_name="tuned_dolly", epochs=80,
         learning_rate=5e-3, warmup_fraction=0.0, batch_size=8, max_length=256, eval_fraction=0.0,
         eval_max_new_tokens=16, seed=3,
     )
@@ -171,3 +211,88 @@ def test_lora_adapter_is_merged_before_registration(mlflow_registry, tiny_model_
     run = MlflowClient().get_run(report.run_id)
     assert run.inputs.dataset_inputs[0].dataset.source_type == "local"
     assert len(run.data.params["train_data_version"]) == 64  # the file's sha256
+
+
+def test_new_dolly_keys_start_from_what_the_model_knows(tiny_chat_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dolly_spark.training.finetune import add_dolly_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_dir)
+    pieces = tokenizer("### Instruction:", add_special_tokens=False)["input_ids"]
+    before = model.get_input_embeddings().weight[pieces].mean(dim=0).clone()
+    assert add_dolly_tokens(model, tokenizer) == 3
+    inputs, outputs = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert torch.equal(inputs[tokenizer.convert_tokens_to_ids("### Instruction:")], before)
+    end = tokenizer.convert_tokens_to_ids("### End")
+    assert torch.equal(outputs[end], outputs[tokenizer.eos_token_id])  # predicted where EOS would be
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("requested, trained, added", [("dolly", "dolly", 3), ("auto", "chat", 0)])
+def test_base_is_scored_unmodified_in_its_own_format_on_a_real_split(mlflow_registry, tiny_chat_dir,
+                                                                       requested, trained, added):
+    from conftest import SHARED_DATA
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dolly_spark.training.data import load_records
+    from dolly_spark.training.finetune import FinetuneConfig, run_finetune
+    from dolly_spark.training.model_scoring import score_model
+
+    config = FinetuneConfig(base_model=str(tiny_chat_dir), train_data=str(SHARED_DATA), model_name=f"chat_{trained}",
+                            prompt_format=requested, epochs=1, batch_size=8, max_length=256, eval_fraction=0.25,
+                            max_eval_records=12, eval_max_new_tokens=8, seed=5)
+    report = run_finetune(config)
+    run = MlflowClient().get_run(report.run_id)
+    params, metrics = run.data.params, run.data.metrics
+    assert params["baseline_prompt_format"] == "chat" and params["trained_prompt_format"] == trained
+    assert params["new_special_tokens"] == str(added)
+
+    # The logged before-scores are those of the base as it is, in the chat format: scored again
+    # here on the same held-out split, from the untouched checkpoint.
+    held_out = stratified_split(validate_records(load_records(str(SHARED_DATA))[0]).kept, 0.25, 5)[1][:12]
+    assert len(held_out) == 12 and len({r["category"] for r in held_out}) >= 4
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_dir)
+    again = score_model(base, tokenizer, held_out, "chat", 8, 256)
+    assert metrics["before_eval_loss"] == pytest.approx(again["eval_loss"], rel=1e-5)
+    assert metrics["before_rouge_l"] == pytest.approx(again["scores"]["overall"]["rouge_l"])
+    in_dolly_format = score_model(base, tokenizer, held_out, "dolly", 8, 256)["eval_loss"]
+    assert abs(in_dolly_format - again["eval_loss"]) > 1e-3  # the format is what was measured
+    for stage in ("before", "after"):
+        assert 0.0 <= metrics[f"{stage}_stop_rate"] <= 1.0
+    assert metrics["rouge_l_gain_low"] <= metrics["rouge_l_gain"] <= metrics["rouge_l_gain_high"]
+    assert metrics["eval_examples"] > 0 and metrics["train_examples"] > 12
+
+    info = mlflow.models.get_model_info(f"models:/chat_{trained}/{report.version}")
+    assert info.metadata["prompt_format"] == trained
+    assert info.metadata["baseline_prompt_format"] == "chat"
+    assert info.metadata["base_model_uri"] == str(tiny_chat_dir.resolve())
+    artifacts = {a.path for a in MlflowClient().list_artifacts(report.run_id)}
+    assert {"rouge_l_by_category.png", "held_out_answers.json"} <= artifacts
+
+
+@pytest.mark.slow
+def test_a_challenger_worse_than_its_base_is_not_promoted(finetuned, tmp_path):
+    from dolly_spark.registry import alias_version
+    from dolly_spark.training.evaluate import EvaluateConfig, run_evaluate_and_promote
+    from dolly_spark.training.finetune import FinetuneConfig, run_finetune
+
+    # Taught the wrong answers on purpose, starting from the version that knows the right ones.
+    wrong = [{**record, "response": RECORDS[(i + 1) % len(RECORDS)]["response"]} for i, record in enumerate(RECORDS)]
+    data = tmp_path / "wrong.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in wrong))
+    regressed = run_finetune(FinetuneConfig(
+        base_model=f"models:/tuned_dolly/{finetuned.version}", train_data=str(data), model_name="regressed_dolly",
+        epochs=40, learning_rate=5e-3, warmup_fraction=0.0, batch_size=8, max_length=256, eval_fraction=0.0, seed=3))
+
+    right = tmp_path / "right.jsonl"
+    right.write_text("\n".join(json.dumps(r) for r in RECORDS))
+    report = run_evaluate_and_promote(EvaluateConfig(model_name="regressed_dolly", eval_data=str(right),
+                                                     eval_fraction=1.0, max_new_tokens=24, max_length=256))
+    assert report.champion_version is None  # no champion: the base is the only reference
+    assert report.base_score == 1.0 and report.challenger_score < report.base_score
+    assert not report.promoted and alias_version("regressed_dolly", "champion") is None
+    assert MlflowClient().get_run(report.run_id).data.tags["base_prompt_format"] == "dolly"

@@ -53,12 +53,20 @@ def test_readme_job_commands_run_verbatim_on_the_embedded_default(spark, home):
     evaluate = "spark-submit jobs/evaluate_and_promote.py --config conf/evaluate_and_promote.yaml"
     assert evaluate in readme
     output = succeeded(run_command(f"{evaluate} --eval-data {SHARED_DATA} --max-eval-records 4 --max-new-tokens 8", home))
-    assert re.search(r"challenger v2 rouge_l=\S+, champion v1 rouge_l=\S+: (promoted|not promoted)", output), output[-2000:]
+    assert re.search(r"challenger v2 rouge_l=\S+, champion v1 rouge_l=\S+, base rouge_l=\S+: (promoted|not promoted)", output), output[-2000:]
 
     # The console script runs the same job: nothing new for an unchanged champion, every ticket
     # again when the evaluation promoted the challenger.
     output = succeeded(run_command("dolly-spark summarize --config conf/summarize_tickets.yaml", home))
     assert re.search(r"^(0|40) tickets summarized with support_dolly v[12]", output, re.M), output[-2000:]
+
+    # The demo fine-tune: from version 1 (here the tiny model), on the dolly sample beside the
+    # project, scored against its base on a held-out quarter of each category.
+    finetune_demo = "spark-submit jobs/finetune.py --config conf/finetune_demo.yaml"
+    assert finetune_demo in readme
+    output = succeeded(run_command(f"{finetune_demo} --max-steps 2 --max-eval-records 4 --eval-max-new-tokens 8", home))
+    assert "registered support_dolly version 3 as @challenger" in output, output[-2000:]
+    assert re.search(r"ROUGE-L gain over the base in its own format: \S+ \(95% bootstrap interval", output), output[-2000:]
 
 
 @pytest.mark.slow

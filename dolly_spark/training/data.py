@@ -11,6 +11,7 @@ import logging
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -113,12 +114,13 @@ def _text(value: Any) -> str:
 
 def stratified_split(records: list[dict[str, str]], eval_fraction: float, seed: int) -> tuple[list, list]:
     """(train, eval): each category contributes ``eval_fraction`` of its records (rounded, at
-    least one when it has two or more) to eval; the same seed gives the same split."""
+    least one when it has two or more) to eval; the same seed gives the same split. The eval
+    records take the categories in turn, so its first n (a scoring cap) are stratified too."""
     rng = random.Random(seed)
     by_category: dict[str, list] = defaultdict(list)
     for record in records:
         by_category[record["category"]].append(record)
-    train, held_out = [], []
+    train, held_out_by_category = [], []
     for category in sorted(by_category):
         # Sorted first, so the split depends on the records and the seed, not on the order a
         # table scan returned them in.
@@ -127,6 +129,6 @@ def stratified_split(records: list[dict[str, str]], eval_fraction: float, seed: 
         count = round(len(group) * eval_fraction) if eval_fraction > 0 else 0
         if eval_fraction > 0 and len(group) >= 2:
             count = max(1, count)
-        held_out += group[:count]
+        held_out_by_category.append(group[:count])
         train += group[count:]
-    return train, held_out
+    return train, [record for turn in zip_longest(*held_out_by_category) for record in turn if record is not None]

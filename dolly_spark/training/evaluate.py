@@ -1,5 +1,9 @@
-"""The evaluate-and-promote job: score challenger and champion on the same held-out records,
-and move ``champion`` to the challenger only when it wins by the configured margin."""
+"""The evaluate-and-promote job: score the challenger, the champion and the challenger's base on
+the same held-out records, each in the prompt format it answers best in, and move ``champion``
+to the challenger only when it beats both by the configured margin.
+
+The base matters when there is no champion yet (or the champion is older than the base): a
+fine-tune that made the model worse than what it started from is never promoted."""
 from __future__ import annotations
 
 import logging
@@ -11,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from dolly_spark.config import option
 from dolly_spark.registry import CHALLENGER, CHAMPION, alias_version, resolve_model, set_alias
+from dolly_spark.training.base_model import load_base_model
 from dolly_spark.training.data import load_records, stratified_split, validate_records
 from dolly_spark.training.model_scoring import category_chart, flat_metrics, score_model
 
@@ -40,6 +45,7 @@ class PromotionReport:
     champion_score: float | None
     promoted: bool
     metrics: dict[str, float] = field(default_factory=dict)
+    base_score: float | None = None
 
 
 def held_out_records(config: EvaluateConfig, spark: Any = None, trained_on: dict[str, Any] | None = None
@@ -76,6 +82,21 @@ def _evaluate_version(name: str, version: str, records, config: EvaluateConfig) 
     return score_model(model, tokenizer, records, fmt, config.max_new_tokens, config.max_length)
 
 
+def _evaluate_base(metadata: dict[str, Any], records, config: EvaluateConfig) -> dict[str, Any] | None:
+    """The challenger's base, as it was before the fine-tune, in its own format; None when the
+    version records no base or the base cannot be loaded here (said in the log)."""
+    base_uri = metadata.get("base_model_uri")
+    if not base_uri:
+        log.info("the challenger records no base model (base_model_uri): compared with the champion only")
+        return None
+    try:
+        base = load_base_model(base_uri)
+    except (OSError, ValueError) as exc:
+        log.warning("the challenger's base %s cannot be loaded (%s): compared with the champion only", base_uri, exc)
+        return None
+    return score_model(base.model, base.tokenizer, records, base.own_format, config.max_new_tokens, config.max_length)
+
+
 def run_evaluate_and_promote(config: EvaluateConfig, spark: Any = None) -> PromotionReport:
     """Evaluate ``@challenger`` (and ``@champion`` when there is one) and promote on a win."""
     challenger = alias_version(config.model_name, CHALLENGER)
@@ -94,12 +115,20 @@ def run_evaluate_and_promote(config: EvaluateConfig, spark: Any = None) -> Promo
         evaluations = {f"challenger v{challenger}": _evaluate_version(config.model_name, challenger, records, config)}
         metrics = flat_metrics("challenger", evaluations[f"challenger v{challenger}"])
         challenger_score = metrics[f"challenger_{config.metric}"]
-        champion_score = None
+        champion_score = base_score = None
         if champion is not None and champion != challenger:
             evaluations[f"champion v{champion}"] = _evaluate_version(config.model_name, champion, records, config)
             metrics.update(flat_metrics("champion", evaluations[f"champion v{champion}"]))
             champion_score = metrics[f"champion_{config.metric}"]
-        promoted = champion is None or (champion_score is not None and challenger_score >= champion_score + config.margin)
+        base = _evaluate_base(metadata, records, config)
+        if base is not None:
+            evaluations[f"base ({base['prompt_format']})"] = base
+            metrics.update(flat_metrics("base", base))
+            base_score = metrics[f"base_{config.metric}"]
+            mlflow.set_tag("base_prompt_format", base["prompt_format"])
+        # The challenger must beat every model it could replace or came from.
+        references = [score for score in (champion_score, base_score) if score is not None]
+        promoted = all(challenger_score >= score + config.margin for score in references)
         metrics["promoted"] = float(promoted)
         mlflow.log_metrics(metrics)
         mlflow.log_figure(category_chart(evaluations), "rouge_l_by_category.png")
@@ -107,8 +136,10 @@ def run_evaluate_and_promote(config: EvaluateConfig, spark: Any = None) -> Promo
         client.set_model_version_tag(config.model_name, challenger, f"eval_{config.metric}", f"{challenger_score:.4f}")
         if promoted:
             set_alias(config.model_name, CHAMPION, challenger)
-        log.info("challenger v%s %s=%.4f vs champion %s %s: %s", challenger, config.metric, challenger_score,
+        log.info("challenger v%s %s=%.4f vs champion %s %s, base %s: %s", challenger, config.metric, challenger_score,
                  f"v{champion}" if champion else "none",
                  f"{champion_score:.4f}" if champion_score is not None else "-",
+                 f"{base_score:.4f}" if base_score is not None else "-",
                  "promoted to champion" if promoted else "not promoted")
-        return PromotionReport(run.info.run_id, challenger, champion, challenger_score, champion_score, promoted, metrics)
+        return PromotionReport(run.info.run_id, challenger, champion, challenger_score, champion_score, promoted,
+                               metrics, base_score)

@@ -1,12 +1,20 @@
-"""The fine-tune job: Dolly-style instruction tuning with transformers' Trainer, tracked in MLflow.
+"""The fine-tune job: instruction tuning with transformers' Trainer, tracked in MLflow.
 
-records → validate → stratified split → special tokens + resized embeddings → Trainer
-(loss on response and stop key only, decaying learning rate) → [merge LoRA] → log with the
-transformers flavor → register a new version → alias ``challenger``.
+records → validate → stratified split → score the unmodified base in its own format →
+[Dolly format: special tokens + resized embeddings] → Trainer (loss on the answer and its stop
+only, warm-up then cosine decay, a number of epochs) → [merge LoRA] → score the tuned model in
+the format it learned → log with the transformers flavor → register a new version → alias
+``challenger``.
+
+Two training formats: ``dolly`` (the Dolly v2 prompt and ``### End``, as Dolly was trained from
+pythia; the default for base models) and ``chat`` (the model's own chat template, loss on the
+assistant turn and its end-of-turn token, no new tokens; the default for models with a chat
+template, which keep the stop they already know).
 """
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,11 +25,12 @@ import torch
 from transformers import TrainerCallback
 
 from dolly_spark.config import option
-from dolly_spark.prompts import DOLLY_SPECIAL_TOKENS, get_format
+from dolly_spark.prompts import DOLLY_SPECIAL_TOKENS, END_KEY, get_format, stop_token_ids
 from dolly_spark.registry import CHALLENGER, log_and_register
 from dolly_spark.training.data import load_records, stratified_split, validate_records
-from dolly_spark.training.model_scoring import category_chart, flat_metrics, score_model
 from dolly_spark.training.examples import encode_examples
+from dolly_spark.training.base_model import load_base_model
+from dolly_spark.training.model_scoring import category_chart, flat_metrics, gain_metrics, score_model
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +40,10 @@ class FinetuneConfig:
     base_model: str = option("databricks/dolly-v2-3b", "hub id, local checkpoint or models:/ URI to start from")
     train_data: str = option("databricks/databricks-dolly-15k", "Delta table name or JSONL path of dolly-15k style records")
     model_name: str = option("support_dolly", "registered model name the result becomes a new version of")
-    max_steps: int = option(200, "optimizer steps")
+    prompt_format: str = option("auto", "format trained in: dolly, chat, or auto (chat when the base answers in "
+                                        "its chat template, else dolly)")
+    epochs: float = option(3.0, "passes over the training records (Dolly used 2-3)")
+    max_steps: int = option(0, "cap on optimizer steps (0: no cap, the epochs decide)")
     learning_rate: float = option(1e-5, "peak learning rate (cosine decay after warm-up)")
     warmup_fraction: float = option(0.05, "share of steps spent warming up the learning rate")
     batch_size: int = option(8, "examples per device per step")
@@ -61,42 +73,81 @@ class FinetuneReport:
     train_seconds: float = 0.0
 
 
-def load_base_model(base_model: str) -> tuple[Any, Any]:
-    """(model, tokenizer) of a hub id, a local checkpoint or a registered model URI."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def training_format(requested: str, base_format: str) -> str:
+    """The format to train in: ``requested``, or for "auto" chat when the base answers in its
+    chat template, else dolly."""
+    if requested == "auto":
+        return "chat" if base_format == "chat" else "dolly"
+    if requested not in ("dolly", "chat"):
+        raise ValueError(f"prompt_format must be dolly, chat or auto, not {requested!r}")
+    return requested
 
-    from dolly_spark.models import local_model_paths
-    from dolly_spark.registry import resolve_model
 
-    model_path = tokenizer_path = base_model
-    if base_model.startswith("models:/"):
-        model_path, tokenizer_path = local_model_paths(resolve_model(base_model))
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    return model, tokenizer
+def prepare_tokens(model: Any, tokenizer: Any, prompt_format: str) -> int:
+    """Make the tokenizer ready to train in ``prompt_format``; return how many tokens were added
+    (the Dolly keys for "dolly"; none for "chat", which keeps the model's own stop)."""
+    if prompt_format == "dolly":
+        return add_dolly_tokens(model, tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return 0
+
+
+def optimizer_steps(examples: int, config: FinetuneConfig) -> int:
+    """Steps for ``config.epochs`` passes over ``examples``, capped by ``max_steps`` when set."""
+    per_epoch = math.ceil(examples / (config.batch_size * config.gradient_accumulation))
+    steps = max(1, math.ceil(per_epoch * config.epochs))
+    return min(steps, config.max_steps) if config.max_steps > 0 else steps
 
 
 def add_dolly_tokens(model: Any, tokenizer: Any) -> int:
     """Add the Dolly keys as special tokens (pad = eos when unset) and resize the embeddings;
-    return how many tokens were new."""
+    return how many tokens were new. New keys start from what the model already knows (see
+    ``_init_new_key_embeddings``)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    pieces = {key: tokenizer(key, add_special_tokens=False)["input_ids"] for key in DOLLY_SPECIAL_TOKENS}
     added = tokenizer.add_special_tokens({"additional_special_tokens": list(DOLLY_SPECIAL_TOKENS)},
                                          replace_extra_special_tokens=False)
     if added:
         model.resize_token_embeddings(len(tokenizer))
+        _init_new_key_embeddings(model, tokenizer, pieces)
     model.config.pad_token_id = tokenizer.pad_token_id
     return added
 
 
-def _with_lora(model: Any, rank: int) -> Any:
+@torch.no_grad()
+def _init_new_key_embeddings(model: Any, tokenizer: Any, pieces: dict[str, list[int]]) -> None:
+    """Each new key's input embedding is the mean of the tokens its text was made of, and
+    ``### End`` predicts like the model's EOS: a model that already knows when to stop learns the
+    Dolly stop in a few steps instead of from a random row (measured on the demo model, a
+    randomly started ``### End`` was never emitted after a short fine-tune)."""
+    inputs = model.get_input_embeddings().weight
+    outputs = model.get_output_embeddings().weight if model.get_output_embeddings() is not None else None
+    tied = outputs is not None and outputs.data_ptr() == inputs.data_ptr()
+    eos = tokenizer.eos_token_id
+    for key, old_ids in pieces.items():
+        new_id = tokenizer.convert_tokens_to_ids(key)
+        if not old_ids or new_id in old_ids:
+            continue  # the key was already one token
+        inputs[new_id] = inputs[old_ids].mean(dim=0)
+        if key == END_KEY and eos is not None:
+            inputs[new_id] = inputs[eos] if tied else inputs[new_id]
+            if outputs is not None and not tied:
+                outputs[new_id] = outputs[eos]
+        elif outputs is not None and not tied:
+            outputs[new_id] = outputs[old_ids].mean(dim=0)
+
+
+def _with_lora(model: Any, rank: int, train_embeddings: bool) -> Any:
     from peft import LoraConfig, get_peft_model
 
     names = {module: name for name, module in model.named_modules()}
-    # The new special tokens need trainable embeddings; adapters alone cannot learn them.
+    # New special tokens need trainable embeddings; adapters alone cannot learn them.
     embeddings = [names[m].split(".")[-1] for m in (model.get_input_embeddings(), model.get_output_embeddings())]
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules="all-linear",
-                        modules_to_save=embeddings, task_type="CAUSAL_LM")
+                        modules_to_save=embeddings if train_embeddings else None, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 
@@ -116,20 +167,30 @@ class MlflowStepMetrics(TrainerCallback):
         mlflow.log_metrics(metrics, step=state.global_step)
 
 
-def _training_arguments(config: FinetuneConfig, output_dir: str, has_eval: bool):
+def _length_grouped_batches(arguments_class) -> dict[str, Any]:
+    """Batches of similar lengths (shuffled in mega-batches), so far less padding is computed;
+    the option's name changed within transformers 5."""
+    fields = getattr(arguments_class, "__dataclass_fields__", {})
+    if "train_sampling_strategy" in fields:
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True} if "group_by_length" in fields else {}
+
+
+def _training_arguments(config: FinetuneConfig, output_dir: str, steps: int, has_eval: bool):
     from transformers import TrainingArguments
 
     on_gpu = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=output_dir,
-        max_steps=config.max_steps,
+        max_steps=steps,
         learning_rate=config.learning_rate,
         lr_scheduler_type="cosine",
-        warmup_steps=int(config.max_steps * config.warmup_fraction),
+        warmup_steps=math.ceil(steps * config.warmup_fraction),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation,
-        logging_steps=max(1, min(10, config.max_steps // 10)),
+        **_length_grouped_batches(TrainingArguments),
+        logging_steps=max(1, min(10, steps // 10)),
         eval_strategy="steps" if has_eval else "no",
         eval_steps=config.eval_steps,
         save_strategy="no",
@@ -157,22 +218,35 @@ def run_finetune(config: FinetuneConfig, spark: Any = None) -> FinetuneReport:
         raise ValueError(f"no usable training records in {config.train_data!r}: skipped {dict(validation.skipped)}")
 
     torch.manual_seed(config.seed)
-    model, tokenizer = load_base_model(config.base_model)
-    new_tokens = add_dolly_tokens(model, tokenizer)
-    fmt = get_format("dolly")
-    train_set = encode_examples(tokenizer, fmt, train_records, config.max_length)
-    eval_set = encode_examples(tokenizer, fmt, eval_records, config.max_length)
+    base = load_base_model(config.base_model)
+    model, tokenizer, base_format = base.model, base.tokenizer, base.own_format
+    trained_format = training_format(config.prompt_format, base_format)
+    scored = eval_records[: config.max_eval_records]
+    evaluations: dict[str, dict[str, Any]] = {}
+    if config.evaluate and scored:
+        log.info("scoring the base %s in its own %s format on %d held-out records", base.uri, base_format, len(scored))
+        # The fair baseline: the base as it is, in the format it answers best in, before any
+        # token is added or any weight changes.
+        evaluations["base"] = _score(model, tokenizer, scored, base_format, config)
+
+    new_tokens = prepare_tokens(model, tokenizer, trained_format)
+    fmt = get_format(trained_format, tokenizer)
+    stops = stop_token_ids(model, tokenizer, trained_format)
+    train_set = encode_examples(tokenizer, fmt, train_records, config.max_length, stops)
+    eval_set = encode_examples(tokenizer, fmt, eval_records, config.max_length, stops)
     skipped = {**validation.skipped, "too_long_tokens": train_set.dropped_too_long + eval_set.dropped_too_long}
     if not train_set.examples:
         raise ValueError(
             f"every training example of {config.train_data!r} is longer than max_length={config.max_length} "
             f"tokens ({train_set.dropped_too_long} dropped); raise --max-length"
         )
-    scored = eval_records[: config.max_eval_records]
+    steps = optimizer_steps(len(train_set.examples), config)
 
     with mlflow.start_run(run_name=f"finetune-{config.model_name}") as run:
         mlflow.set_tags({"job": "finetune", "base_model": config.base_model})
-        mlflow.log_params({**asdict(config), **source.as_params(), "new_special_tokens": new_tokens})
+        mlflow.log_params({**asdict(config), **source.as_params(), "new_special_tokens": new_tokens,
+                           "trained_prompt_format": trained_format, "baseline_prompt_format": base_format,
+                           "optimizer_steps": steps})
         _log_training_input(source, validation.kept)
         mlflow.log_metrics({
             "records_read": len(records), "records_kept": len(validation.kept),
@@ -180,22 +254,22 @@ def run_finetune(config: FinetuneConfig, spark: Any = None) -> FinetuneReport:
             **{f"records_skipped_{reason}": count for reason, count in skipped.items()},
         })
         metrics: dict[str, float] = {}
-        evaluations = {}
-        if config.evaluate and scored:
-            evaluations["base"] = _score(model, tokenizer, scored, config)
+        if "base" in evaluations:
             metrics.update(flat_metrics("before", evaluations["base"]))
 
-        trainable = _with_lora(model, config.lora_rank) if config.lora else model
+        trainable = _with_lora(model, config.lora_rank, new_tokens > 0) if config.lora else model
         with tempfile.TemporaryDirectory() as output_dir:
             trainer = Trainer(
                 model=trainable,
-                args=_training_arguments(config, output_dir, bool(eval_set.examples)),
+                args=_training_arguments(config, output_dir, steps, bool(eval_set.examples)),
                 train_dataset=train_set.examples,
                 eval_dataset=eval_set.examples or None,
                 data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100,
                                                      pad_to_multiple_of=8 if torch.cuda.is_available() else None),
                 callbacks=[MlflowStepMetrics()],
             )
+            log.info("training %s in the %s format: %d examples, %d steps (%.3g epochs, max_steps %d)",
+                     config.base_model, trained_format, len(train_set.examples), steps, config.epochs, config.max_steps)
             started = time.perf_counter()
             outcome = trainer.train()
             train_seconds = time.perf_counter() - started
@@ -204,24 +278,44 @@ def run_finetune(config: FinetuneConfig, spark: Any = None) -> FinetuneReport:
         metrics["train_loss"] = float(outcome.training_loss)
         metrics["train_seconds"] = train_seconds
 
-        if config.evaluate and scored:
-            evaluations["tuned"] = _score(model, tokenizer, scored, config)
+        if "base" in evaluations:
+            log.info("scoring the tuned model in the %s format on %d held-out records", trained_format, len(scored))
+            evaluations["tuned"] = _score(model, tokenizer, scored, trained_format, config)
             metrics.update(flat_metrics("after", evaluations["tuned"]))
+            metrics.update(gain_metrics(evaluations["base"], evaluations["tuned"]))
             mlflow.log_figure(category_chart(evaluations), "rouge_l_by_category.png")
+            _log_predictions(scored, evaluations)
         mlflow.log_metrics(metrics)
 
+        baseline = {"baseline_prompt_format": base_format}
+        if "before_rouge_l" in metrics:
+            baseline["baseline_rouge_l"] = round(metrics["before_rouge_l"], 6)
         version = log_and_register(
-            model.to("cpu"), tokenizer, config.model_name, "dolly", alias=config.alias,
-            metadata={"base_model": config.base_model, "special_tokens": list(DOLLY_SPECIAL_TOKENS),
-                      "train_data": source.name, "train_data_version": source.version},
+            model.to("cpu"), tokenizer, config.model_name, trained_format, alias=config.alias,
+            metadata={"base_model": config.base_model, "base_model_uri": base.uri, "train_data": source.name,
+                      "train_data_version": source.version, **baseline,
+                      **({"special_tokens": list(DOLLY_SPECIAL_TOKENS)} if trained_format == "dolly" else {})},
         )
         log.info("fine-tuned %s: version %s (@%s), metrics %s", config.model_name, version, config.alias, metrics)
         return FinetuneReport(run.info.run_id, config.model_name, version, len(train_set.examples),
                               len(eval_set.examples), skipped, metrics, train_seconds)
 
 
-def _score(model, tokenizer, records, config: FinetuneConfig) -> dict[str, Any]:
-    return score_model(model, tokenizer, records, "dolly", config.eval_max_new_tokens, config.max_length)
+def _score(model, tokenizer, records, prompt_format: str, config: FinetuneConfig) -> dict[str, Any]:
+    return score_model(model, tokenizer, records, prompt_format, config.eval_max_new_tokens, config.max_length)
+
+
+def _log_predictions(records: list[dict[str, str]], evaluations: dict[str, dict[str, Any]]) -> None:
+    """Every held-out answer of each model beside the reference, with its ROUGE-L and whether it
+    stopped, as an MLflow table a reviewer can read."""
+    table: dict[str, list] = {"category": [r["category"] for r in records],
+                              "instruction": [r["instruction"] for r in records],
+                              "reference": [r["response"] for r in records]}
+    for label, evaluation in evaluations.items():
+        table[f"{label}_answer"] = evaluation["predictions"]
+        table[f"{label}_rouge_l"] = evaluation["rouge_l"]
+        table[f"{label}_stopped"] = evaluation["stopped"]
+    mlflow.log_table(table, "held_out_answers.json")
 
 
 def _log_training_input(source, records: list[dict[str, str]]) -> None:

@@ -1,4 +1,5 @@
-"""Scoring a model on held-out records: eval loss, and ROUGE-L / exact match per category."""
+"""Scoring a model on held-out records: eval loss, and ROUGE-L / exact match / stop rate per
+category, in a named prompt format."""
 from __future__ import annotations
 
 import logging
@@ -6,16 +7,18 @@ from typing import Any
 
 import torch
 
-from dolly_spark.prompts import get_format
+from dolly_spark.inference.results import FINISH_EOS, FINISH_STOP
+from dolly_spark.prompts import get_format, stop_token_ids
 from dolly_spark.training.examples import encode_examples
-from dolly_spark.training.scoring import score_by_category
+from dolly_spark.training.scoring import paired_bootstrap, rouge_l, score_by_category
 
 log = logging.getLogger(__name__)
 
 
 def eval_loss(model: Any, tokenizer: Any, records: list[dict[str, str]], prompt_format: str, max_length: int) -> float:
     """Mean loss per response token (prompt tokens excluded) over ``records`` in ``prompt_format``."""
-    encoded = encode_examples(tokenizer, get_format(prompt_format, tokenizer), records, max_length).examples
+    stops = stop_token_ids(model, tokenizer, prompt_format)
+    encoded = encode_examples(tokenizer, get_format(prompt_format, tokenizer), records, max_length, stops).examples
     total, tokens = 0.0, 0
     model.eval()
     with torch.inference_mode():
@@ -30,24 +33,40 @@ def eval_loss(model: Any, tokenizer: Any, records: list[dict[str, str]], prompt_
 
 def score_model(model: Any, tokenizer: Any, records: list[dict[str, str]], prompt_format: str,
                 max_new_tokens: int, max_length: int) -> dict[str, Any]:
-    """{"eval_loss", "scores": {category: {...}}, "predictions"} of the model on ``records``, greedy."""
+    """How ``model`` answers ``records`` in ``prompt_format``, greedy: {"prompt_format",
+    "eval_loss", "scores": {category: {...}}, "predictions", "rouge_l": per record,
+    "stopped": per record (the answer ended with the model's stop within ``max_new_tokens``)}."""
     from dolly_spark.engine import GenerationSettings, InstructionEngine
 
     engine = InstructionEngine(model, tokenizer, prompt_format, GenerationSettings(max_new_tokens=max_new_tokens))
     results = engine.run([r["instruction"] for r in records], [r["context"] for r in records])
     predictions = [result.response for result in results]
-    scores = score_by_category(predictions, [r["response"] for r in records], [r["category"] for r in records])
-    return {"eval_loss": eval_loss(model, tokenizer, records, prompt_format, max_length), "scores": scores, "predictions": predictions}
+    references = [r["response"] for r in records]
+    stopped = [result.finish_reason in (FINISH_STOP, FINISH_EOS) for result in results]
+    scores = score_by_category(predictions, references, [r["category"] for r in records], stopped)
+    return {"prompt_format": prompt_format,
+            "eval_loss": eval_loss(model, tokenizer, records, prompt_format, max_length),
+            "scores": scores, "predictions": predictions, "stopped": stopped,
+            "rouge_l": [rouge_l(p, r) for p, r in zip(predictions, references)]}
+
+
+def gain_metrics(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """The ROUGE-L gain of ``after`` over ``before`` on the same records, with its 95% paired
+    bootstrap interval: a gain whose interval excludes 0 is larger than the split's noise."""
+    gain, low, high = paired_bootstrap(before["rouge_l"], after["rouge_l"])
+    return {"rouge_l_gain": gain, "rouge_l_gain_low": low, "rouge_l_gain_high": high}
 
 
 def flat_metrics(prefix: str, evaluation: dict[str, Any]) -> dict[str, float]:
     """MLflow metric names for an evaluation: ``{prefix}_eval_loss``, ``{prefix}_rouge_l`` (overall)
-    and ``{prefix}_{category}_rouge_l`` / ``_exact_match``."""
+    and ``{prefix}_{category}_rouge_l`` / ``_exact_match`` / ``_stop_rate``."""
     metrics = {f"{prefix}_eval_loss": evaluation["eval_loss"]}
     for category, values in evaluation["scores"].items():
         name = prefix if category == "overall" else f"{prefix}_{category}"
         metrics[f"{name}_rouge_l"] = values["rouge_l"]
         metrics[f"{name}_exact_match"] = values["exact_match"]
+        if "stop_rate" in values:
+            metrics[f"{name}_stop_rate"] = values["stop_rate"]
     return metrics
 
 

@@ -1,0 +1,52 @@
+"""The model a fine-tune starts from: loaded unmodified, with the prompt format it answers best in."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dolly_spark.prompts import infer_format_name
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model. ``uri`` names exactly this model again: a registry base as
+    ``models:/name/version`` (never an alias, which moves), a local checkpoint as its absolute
+    path, a hub id as itself."""
+
+    model: Any
+    tokenizer: Any
+    uri: str
+    registered_format: str | None = None
+
+    @property
+    def own_format(self) -> str:
+        return own_format(self.tokenizer, self.registered_format)
+
+
+def own_format(tokenizer: Any, registered: str | None = None) -> str:
+    """The prompt format a model answers best in: its registered one, else the one its unmodified
+    tokenizer shows (Dolly keys in the vocabulary, as in a Dolly checkpoint, else a chat template,
+    else plain text)."""
+    return registered or infer_format_name(tokenizer)
+
+
+def load_base_model(base_model: str) -> BaseModel:
+    """A hub id, a local checkpoint or a registered model URI, in fp32, as it is."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dolly_spark.models import local_model_paths
+    from dolly_spark.registry import resolve_model
+
+    model_path = tokenizer_path = uri = base_model
+    registered_format = None
+    if base_model.startswith("models:/"):
+        spec = resolve_model(base_model)
+        model_path, tokenizer_path = local_model_paths(spec)
+        uri, registered_format = spec.uri, spec.prompt_format
+    elif Path(base_model).expanduser().exists():
+        uri = str(Path(base_model).expanduser().resolve())
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    return BaseModel(model, tokenizer, uri, registered_format)
