@@ -5,7 +5,11 @@ Runs without Spark. ``InstructionEngine.run`` is a short composition of the part
 planner sorts rows by token length and cuts micro-batches under a token budget, a generator
 backend (static or continuous batching) generates each micro-batch, and the parser turns each
 row's tokens into a response and a finish reason; results come back in input order.
-Bad input never raises: the row gets an error result and the rest of the batch is unaffected.
+
+Only a row's own problems become error results: bad or over-long input, and a GPU
+out-of-memory error on that row alone (a larger micro-batch that runs out of memory is split
+and retried). Anything else raises, so the caller (a Spark task) fails and is retried rather
+than writing errors for rows that would have succeeded.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import torch
 
 from dolly_spark.devices import is_out_of_memory, select_device, select_dtype
 from dolly_spark.inference.continuous_batching import ContinuousBatching
-from dolly_spark.inference.encoder import EncodedRow, PromptEncoder, context_window, row_seed
+from dolly_spark.inference.encoder import EncodedRow, PromptEncoder, context_window, prompt_limit, row_seed
 from dolly_spark.inference.parser import ResponseParser
 from dolly_spark.inference.planner import micro_batches, prefill_groups
 from dolly_spark.inference.results import (
@@ -62,18 +66,16 @@ class InstructionEngine:
             prompt_format = infer_format_name(tokenizer)
         self.format = get_format(prompt_format, tokenizer) if isinstance(prompt_format, str) else prompt_format
         self.device = next(model.parameters()).device
-        self.max_prompt_tokens = context_window(model, tokenizer) - settings.max_new_tokens
+        self.max_prompt_tokens, limit_reason = prompt_limit(settings, context_window(model, tokenizer))
         if self.max_prompt_tokens < 1:
-            raise ValueError(
-                f"max_new_tokens={settings.max_new_tokens} leaves no room for a prompt in the "
-                f"model's context window of {context_window(model, tokenizer)} tokens"
-            )
+            raise ValueError(f"no room for a prompt: {limit_reason} leaves {self.max_prompt_tokens} tokens; "
+                             "lower max_new_tokens")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.key_stop_ids = dolly_key_ids(tokenizer) if self.format.name == "dolly" else set()
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.stats = EngineStats()
         self._strategy = settings.strategy
-        self.encoder = PromptEncoder(tokenizer, self.format, self.max_prompt_tokens, settings.max_new_tokens,
+        self.encoder = PromptEncoder(tokenizer, self.format, self.max_prompt_tokens, limit_reason,
                                      settings.on_overlong, settings.seed)
         self.parser = ResponseParser.for_tokenizer(tokenizer, self.key_stop_ids, self.eos_ids,
                                                    self.format.stop_strings())
@@ -111,7 +113,8 @@ class InstructionEngine:
         keys: Sequence[Any] | None = None,
         require_context: bool = False,
     ) -> list[InstructionResult]:
-        """One result per instruction, in input order. Never raises for bad rows.
+        """One result per instruction, in input order. Never raises for bad rows; raises what
+        generation raises for anything that is not one row's problem (see the module docstring).
 
         With ``require_context`` a row whose context is null or blank gets an error result
         (the caller named an input column and the row has no input) instead of a prompt
@@ -160,23 +163,31 @@ class InstructionEngine:
 
     # ----------------------------------------------------------------------------------------
     def _generate_or_split(self, batch: list[EncodedRow]) -> list[InstructionResult]:
-        """Generate a micro-batch; on failure (GPU out-of-memory above all) split it in halves and
-        retry, so only a row that fails on its own gets an error."""
+        """Generate a micro-batch; on GPU out-of-memory split it in halves and retry, so only a
+        row that runs out of memory on its own gets an error. Any other exception propagates."""
         try:
             results = [self.parser.parse(row, tokens) for row, tokens in zip(batch, self._generate(batch))]
-        except Exception as exc:  # noqa: BLE001 - a row's failure must not end the job
-            if is_out_of_memory(exc) and torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if len(batch) == 1:
-                log.warning("row %d failed: %s", batch[0].index, exc)
-                return [InstructionResult(None, FINISH_ERROR, error=f"{type(exc).__name__}: {exc}",
-                                          prompt_tokens=len(batch[0].ids), truncated=batch[0].truncated)]
-            log.warning("micro-batch of %d rows failed (%s); splitting and retrying", len(batch), exc)
-            half = len(batch) // 2
-            return self._generate_or_split(batch[:half]) + self._generate_or_split(batch[half:])
-        self.stats.prompt_tokens += sum(r.prompt_tokens for r in results)
-        self.stats.completion_tokens += sum(r.completion_tokens for r in results)
-        return results
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            # Only the text is kept: the exception's traceback holds the failed batch's frames
+            # and so its tensors, which must be freed before the halves run. Hence the retry
+            # below, after this block, where Python has released the exception.
+            error = f"{type(exc).__name__}: {exc}"
+            del exc
+        else:
+            self.stats.prompt_tokens += sum(r.prompt_tokens for r in results)
+            self.stats.completion_tokens += sum(r.completion_tokens for r in results)
+            return results
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(batch) == 1:
+            log.warning("row %d ran out of memory on its own: %s", batch[0].index, error)
+            return [InstructionResult(None, FINISH_ERROR, error=error, prompt_tokens=len(batch[0].ids),
+                                      truncated=batch[0].truncated)]
+        log.warning("micro-batch of %d rows ran out of memory (%s); splitting and retrying", len(batch), error)
+        half = len(batch) // 2
+        return self._generate_or_split(batch[:half]) + self._generate_or_split(batch[half:])
 
     def _generate(self, batch: list[EncodedRow]) -> list[list[int]]:
         # Continuous batching is greedy-only here: the row-seeded sampler and the per-row

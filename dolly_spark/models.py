@@ -120,6 +120,18 @@ def load_engine(spec: ModelSpec, settings, gpu_index: int | None = None, cache_r
     return engine
 
 
+def forget_model(spec: ModelSpec, gpu_index: int | None = None, dtype: str | None = None) -> None:
+    """Drop this process's loaded copy of ``spec`` and every engine built on it, so the next
+    ``load_engine`` loads it afresh. For a task that failed in generation: the model (or the
+    device under it) may be what broke, and a retry in this process must not inherit it. Its
+    memory is freed once the failure's traceback is gone (``_load`` collects before loading)."""
+    model_key = (spec, gpu_index, dtype)
+    with _engines_lock:
+        _models.pop(model_key, None)
+        for key in [key for key in _engines if key[0] == model_key]:
+            del _engines[key]
+
+
 def _load(model_key: tuple, settings, cache_root: str | None):
     """Load a model, after dropping the one loaded before (there is at most one per process)."""
     from dolly_spark.engine import InstructionEngine

@@ -51,6 +51,8 @@ class SummarizeConfig:
     max_rows: int = option(0, "process at most this many pending tickets in one run (0: all of them)")
     chunk_rows: int = option(5000, "tickets generated and merged per chunk; a crash loses at most one chunk")
     token_budget: int = option(16384, "tokens per generation micro-batch: rows x (prompt + max_new_tokens)")
+    max_input_tokens: int = option(4096, "the longest prompt (template, instruction and ticket), in tokens; "
+                                   "a longer ticket is cut from its end and flagged truncated")
     arrow_batch_size: int = option(256, "rows per Arrow batch sent to a Python worker")
     prompt_format: str | None = option(None, "dolly, chat or plain; default: the model's registered format")
     partitions: int = option(0, "Spark partitions a chunk is generated in (0: the default parallelism); "
@@ -179,7 +181,8 @@ def _summarize_chunk(spark: SparkSession, tickets: DataFrame, chunk: int, config
         tickets.repartition(config.partitions or _default_parallelism(spark)), config.instruction,
         model_uri=spec.uri, input_col=config.text_col, key_col=config.id_col, output_col="_result",
         max_new_tokens=config.max_new_tokens, prompt_format=spec.prompt_format, token_budget=config.token_budget,
-        repetition_penalty=config.repetition_penalty, no_repeat_ngram_size=config.no_repeat_ngram_size,
+        max_input_tokens=config.max_input_tokens, repetition_penalty=config.repetition_penalty,
+        no_repeat_ngram_size=config.no_repeat_ngram_size,
         arrow_batch_size=config.arrow_batch_size, shared_model_dir=config.shared_model_dir or None,
     )
     flat = results.select(config.id_col, "_result.*", F.current_timestamp().alias("processed_at"),

@@ -53,6 +53,7 @@ def apply_instruction(
     seed: int = 0,
     prompt_format: str | None = None,
     token_budget: int = 16384,
+    max_input_tokens: int = 4096,
     max_batch_rows: int = 64,
     min_length_ratio: float = 0.75,
     on_overlong: str = "truncate",
@@ -76,6 +77,11 @@ def apply_instruction(
     runs. The prompt format comes from the registered model's metadata unless
     ``prompt_format`` is given. Sampling (``temperature`` > 0) is seeded per row from
     ``key_col`` (or the row's text), so a retried task reproduces its rows.
+
+    ``max_input_tokens`` caps each row's prompt (template, instruction and input) below the
+    model's context window; a longer input is cut from its end and flagged ``truncated``, or,
+    with ``on_overlong="error"``, gets an error. ``token_budget`` bounds each micro-batch:
+    rows x (longest prompt + ``max_new_tokens``) tokens, and a prompt never exceeds it either.
 
     ``repetition_penalty`` (> 1 discourages tokens already in the answer) and
     ``no_repeat_ngram_size`` (no n-gram twice in the answer) stop small models' loops; None takes the value
@@ -106,7 +112,8 @@ def apply_instruction(
         raise ValueError(f"output column {output_col!r} already exists; pass another output_col")
     settings = GenerationSettings(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-        token_budget=token_budget, max_batch_rows=max_batch_rows, min_length_ratio=min_length_ratio,
+        token_budget=token_budget, max_input_tokens=max_input_tokens, max_batch_rows=max_batch_rows,
+        min_length_ratio=min_length_ratio,
         on_overlong=on_overlong, strategy=strategy,
         repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size or 0,
@@ -189,11 +196,20 @@ def instruction_udf(spec: ModelSpec, settings, require_input: bool = False, dtyp
 
     @pandas_udf(RESULT_SCHEMA)
     def generate(batches: Iterator[tuple[pd.Series, pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
-        from dolly_spark.models import load_engine
+        from dolly_spark.models import forget_model, load_engine
 
-        engine = load_engine(spec, settings, task_gpu_index(), dtype=dtype)
+        gpu_index = task_gpu_index()
+        engine = load_engine(spec, settings, gpu_index, dtype=dtype)
         for instructions, contexts, keys in batches:
-            results = engine.run(instructions.tolist(), contexts.tolist(), keys.tolist(), require_context=require_input)
+            try:
+                results = engine.run(instructions.tolist(), contexts.tolist(), keys.tolist(),
+                                     require_context=require_input)
+            except Exception:
+                # Not a row's problem (those come back as error results): the task fails and
+                # Spark retries it. PySpark's worker exits after a failed task, but a host that
+                # keeps the process must not hand the retry a model that may be what broke.
+                forget_model(spec, gpu_index, dtype)
+                raise
             yield results_frame(results, spec)
 
     return generate

@@ -1,6 +1,7 @@
 """The instruction engine on tiny models: batching, stopping, parsing and bad input."""
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 import pytest
@@ -192,6 +193,99 @@ def test_out_of_memory_splits_the_batch(tiny_model):
     assert [results[i].response for i in survivors] == [expected[i].response for i in survivors]
 
 
+def test_a_failure_that_is_not_out_of_memory_raises_with_its_traceback(tiny_model, monkeypatch):
+    engine = engine_for(tiny_model, max_new_tokens=4, token_budget=100_000)
+
+    def device_assert(batch, attention):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(engine.static, "generate", device_assert)
+    with pytest.raises(RuntimeError, match="device-side assert") as raised:
+        engine.run(LENGTHS_INSTRUCTIONS, LENGTHS_CONTEXTS)
+    assert raised.traceback[-1].name == "device_assert"  # the original traceback, not a re-raise
+    # Per-row problems still get error rows before generation is reached.
+    monkeypatch.undo()
+    assert engine.run([None, "Hi."])[0].finish_reason == "error"
+
+
+def test_out_of_memory_retries_halves_after_the_failed_batch_is_freed(tiny_model, monkeypatch):
+    engine = engine_for(tiny_model, max_new_tokens=4, token_budget=100_000)
+    expected = engine.run(LENGTHS_INSTRUCTIONS[:4], LENGTHS_CONTEXTS[:4])
+    real_generate = engine.static.generate
+    scratch_refs, alive_at_each_call = [], []
+
+    def generate_on_a_small_gpu(batch, attention):
+        alive_at_each_call.append(any(ref() is not None for ref in scratch_refs))
+        if len(batch) > 1:
+            scratch = torch.empty(1024)  # what a failed batch's frames hold: its tensors
+            scratch_refs.append(weakref.ref(scratch))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return real_generate(batch, attention)
+
+    monkeypatch.setattr(engine.static, "generate", generate_on_a_small_gpu)
+    results = engine.run(LENGTHS_INSTRUCTIONS[:4], LENGTHS_CONTEXTS[:4])
+    assert [r.response for r in results] == [r.response for r in expected]
+    assert len(scratch_refs) == 3  # 4 rows, then 2 + 2, then four single rows
+    assert not any(alive_at_each_call), "a retry ran while a failed batch's tensors were still alive"
+
+
+def test_out_of_memory_on_a_single_row_is_that_rows_error(tiny_model, monkeypatch):
+    engine = engine_for(tiny_model, max_new_tokens=4)
+
+    def too_big(batch, attention):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    monkeypatch.setattr(engine.static, "generate", too_big)
+    result = engine.run(["Summarize."], ["A ticket."])[0]
+    assert result.finish_reason == "error" and result.error.startswith("OutOfMemoryError: CUDA out of memory")
+    assert result.response is None and result.prompt_tokens > 0
+
+
+HUGE_TICKET = "The invoice was charged twice. " * 6452  # 200,012 characters
+
+
+def test_max_input_tokens_truncates_a_huge_input_without_tokenizing_it_all(tiny_model):
+    engine = engine_for(tiny_model, max_new_tokens=8, max_input_tokens=96)
+    tokenized = []
+    tokenizer = engine.encoder.tokenizer
+
+    class RecordingTokenizer:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, text, **kwargs):
+            tokenized.append(len(text))
+            return tokenizer(text, **kwargs)
+
+    engine.encoder.tokenizer = RecordingTokenizer()
+    result, short = engine.run(["Summarize the ticket.", "Summarize the ticket."], [HUGE_TICKET, "Refund please."])
+    assert len(HUGE_TICKET) >= 200_000
+    assert result.truncated and result.finish_reason != "error" and result.prompt_tokens <= 96
+    assert result.prompt_tokens > 80  # cut to the limit, not far below it
+    assert not short.truncated
+    assert max(tokenized) <= 96 * 16 + 100, "the whole 200,000-character input was tokenized"
+
+    refused = engine_for(tiny_model, max_new_tokens=8, max_input_tokens=96, on_overlong="error")
+    error = refused.run(["Summarize the ticket."], [HUGE_TICKET])[0]
+    assert error.finish_reason == "error" and not error.truncated
+    assert "over the 96 that fit (max_input_tokens=96)" in error.error
+
+
+def test_no_micro_batch_exceeds_the_token_budget(tiny_model):
+    budget, new = 200, 8
+    engine = engine_for(tiny_model, max_new_tokens=new, token_budget=budget)  # max_input_tokens 4096 > window 512
+    contexts = [HUGE_TICKET, "Short.", "Step one. " * 40, "My thermostat resets every night " * 20, None]
+    results = engine.run(["Summarize the ticket."] * len(contexts), contexts)
+    assert engine.max_prompt_tokens == budget - new
+    assert [r.truncated for r in results] == [True, False, True, True, False]
+    assert all(r.finish_reason != "error" or r.error.startswith("empty response") for r in results)
+    for rows, longest in engine.stats.micro_batches:
+        assert rows * (longest + new) <= budget, engine.stats.micro_batches
+    refused = engine_for(tiny_model, max_new_tokens=new, token_budget=budget, on_overlong="error")
+    error = refused.run(["Summarize the ticket."], [contexts[2]])[0]
+    assert "(token_budget=200 minus max_new_tokens=8)" in error.error
+
+
 def test_continuous_batching_falls_back_where_unsupported(tiny_model):
     static = engine_for(tiny_model, max_new_tokens=8).run(LENGTHS_INSTRUCTIONS[:3], LENGTHS_CONTEXTS[:3])
     engine = engine_for(tiny_model, max_new_tokens=8, strategy="continuous")
@@ -214,3 +308,7 @@ def test_settings_are_checked():
         GenerationSettings(strategy="magic")
     with pytest.raises(ValueError, match="top_p=0"):
         GenerationSettings(temperature=0.7, top_p=0)
+    with pytest.raises(ValueError, match="max_input_tokens must be at least 1"):
+        GenerationSettings(max_input_tokens=0)
+    with pytest.raises(ValueError, match="token_budget=256 leaves no room for a prompt beside max_new_tokens=256"):
+        GenerationSettings(token_budget=256, max_new_tokens=256)

@@ -1,9 +1,13 @@
 """The engine's planner and parser on their own: no model, no tokenizer files."""
 from __future__ import annotations
 
-from dolly_spark.inference.encoder import EncodedRow
+import math
+
+from dolly_spark.inference.encoder import MAX_CHARS_PER_TOKEN, EncodedRow, PromptEncoder, prompt_limit
+from dolly_spark.inference.results import GenerationSettings
 from dolly_spark.inference.parser import ResponseParser, cut_at_stop
 from dolly_spark.inference.planner import micro_batches, prefill_groups, shared_prefix_length
+from dolly_spark.prompts import get_format
 
 STOP_KEY, EOS = 900, 901
 
@@ -62,3 +66,31 @@ def test_parser_ends_the_answer_at_a_stop_key_spelled_out_as_text():
     ends_in_text = ResponseParser(lambda ids: "fine\n### Instruction:\nmore", {STOP_KEY}, {EOS}, ("### Instruction:",))
     result = ends_in_text.parse(EncodedRow(0, [1], False, 0), [1, 2, 3])
     assert (result.response, result.finish_reason, result.completion_tokens) == ("fine", "stop", 3)
+
+
+def test_prompt_limit_is_the_least_of_input_cap_window_and_budget():
+    assert prompt_limit(GenerationSettings(max_new_tokens=256), window=131_072) == (4096, "max_input_tokens=4096")
+    assert prompt_limit(GenerationSettings(max_new_tokens=256), window=2048) == \
+        (1792, "the model's context window of 2048 minus max_new_tokens=256")
+    assert prompt_limit(GenerationSettings(max_new_tokens=256, token_budget=1000), window=131_072) == \
+        (744, "token_budget=1000 minus max_new_tokens=256")
+
+
+class LongTokenTokenizer:
+    """One token per 32 characters: more than MAX_CHARS_PER_TOKEN, as a run of spaces can be."""
+
+    def __call__(self, text, **kwargs):
+        return {"input_ids": [0] * math.ceil(len(text) / 32)}
+
+    def decode(self, ids):
+        return "x" * (32 * len(ids))
+
+
+def test_an_input_past_the_character_cut_is_counted_in_full_before_it_is_cut():
+    limit = 100
+    encoder = PromptEncoder(LongTokenTokenizer(), get_format("plain"), limit, "max_input_tokens=100", "truncate", 0)
+    fits = "x" * (limit * MAX_CHARS_PER_TOKEN + 1000)  # past the cut, but 82 tokens
+    row = encoder.encode(0, "Sum.", fits, key=None)
+    assert isinstance(row, EncodedRow) and not row.truncated and len(row.ids) <= limit
+    over = encoder.encode(0, "Sum.", "x" * (limit * 40), key=None)
+    assert isinstance(over, EncodedRow) and over.truncated and len(over.ids) <= limit

@@ -7,6 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import no_jobs_ran
+from dolly_spark.config import load_config
 from dolly_spark import summarize
 from dolly_spark.summarize import SummarizeConfig, run_summarize
 from dolly_spark.tables import delta_version
@@ -143,3 +144,23 @@ def test_wrong_target_table_is_named(spark, registered_tiny):
     spark.range(2).write.format("delta").mode("overwrite").saveAsTable("not_a_summary_table")
     with pytest.raises(ValueError, match="target table 'not_a_summary_table' exists but lacks columns"):
         run_summarize(spark, config_for(source, "not_a_summary_table", f"models:/{name}@champion"))
+
+
+def test_max_input_tokens_comes_from_the_yaml_and_the_flag():
+    from pathlib import Path
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf" / "summarize_tickets.yaml")
+    assert load_config(SummarizeConfig, ["--config", conf], "summarize", "").max_input_tokens == 4096
+    flagged = load_config(SummarizeConfig, ["--config", conf, "--max-input-tokens", "512"], "summarize", "")
+    assert flagged.max_input_tokens == 512
+
+
+@pytest.mark.slow
+def test_max_input_tokens_truncates_long_tickets(spark, registered_tiny):
+    name, _ = registered_tiny
+    source = make_source(spark, "tickets_capped")
+    # The default instruction's prompt is over 100 tokens before any ticket text; T-4's is over 300.
+    run_summarize(spark, config_for(source, "summaries_capped", f"models:/{name}@champion", max_input_tokens=200))
+    rows = one_row_per_ticket(spark, "summaries_capped")
+    assert rows["T-4"]["truncated"] and 150 < rows["T-4"]["prompt_tokens"] <= 200, rows["T-4"]
+    assert not rows["T-1"]["truncated"] and rows["T-1"]["prompt_tokens"] > 0, rows["T-1"]

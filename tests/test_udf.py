@@ -1,8 +1,15 @@
 """apply_instruction on local Spark with the tiny model in a temporary MLflow registry."""
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
+import pandas as pd
 import pytest
 from pyspark.sql import functions as F
 
@@ -12,6 +19,7 @@ from dolly_spark import apply_instruction
 from dolly_spark.engine import GenerationSettings, InstructionEngine
 from dolly_spark.models import LOAD_LEDGER, checkpoint_paths, fetch_model_files, version_cache_dir
 from dolly_spark.registry import ModelNotFoundError, resolve_model
+from dolly_spark.udf import instruction_udf
 
 TICKETS = [
     ("t1", "My HearthLink thermostat shows error E42 every morning and the house is freezing."),
@@ -134,9 +142,92 @@ def test_fail_fast_before_any_spark_job(spark, tickets, registered_tiny):
         (lambda: apply_instruction(tickets, F.col("priority"), model_uri=f"models:/{name}/1"),
          "instruction column has type int"),
         (lambda: apply_instruction(tickets, INSTRUCTION, model_uri="/no/such/checkpoint"), "does not exist"),
+        (lambda: apply_instruction(tickets, INSTRUCTION, input_col="body", model_uri=f"models:/{name}/1",
+                                   max_input_tokens=0), "max_input_tokens must be at least 1"),
     ]
     for action, message in cases:
         error, clean = no_jobs_ran(spark, action)
         assert re.search(message, str(error)), str(error)
         assert clean, f"a Spark job ran before failing: {error}"
     assert isinstance(no_jobs_ran(spark, cases[0][0])[0], ModelNotFoundError)
+
+
+@pytest.fixture(scope="module")
+def broken_checkpoint(tmp_path_factory, tiny_model_dir) -> Path:
+    """A checkpoint that loads but cannot generate: its tokenizer (the tiny one) has ids far past
+    the model's 16-token vocabulary, so every forward raises IndexError. A broken model, not a
+    row's problem, and an exception that is not out-of-memory."""
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert tokenizer.eos_token_id < 16
+    config = GPTNeoXConfig(vocab_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id)
+    directory = tmp_path_factory.mktemp("broken_checkpoint")
+    GPTNeoXForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_a_failed_generation_drops_the_processs_model(project_home, broken_checkpoint):
+    from dolly_spark import models
+
+    spec = resolve_model(str(broken_checkpoint), "dolly")
+    settings = GenerationSettings(max_new_tokens=4)
+    loaded = models.load_engine(spec, settings)
+    batches = iter([(pd.Series([INSTRUCTION]), pd.Series(["Refund please."]), pd.Series([None], dtype=object))])
+    with pytest.raises(IndexError):
+        list(instruction_udf(spec, settings).func(batches))  # the UDF's body, as a Python worker runs it
+    assert models.load_engine(spec, settings) is not loaded  # reloaded, not the engine that failed
+
+
+# One core and task retries allowed (local[1,2]): the session fixture's local[2] gives each task a
+# single attempt, and Spark reads local mode's retries from the master, so this runs in its own
+# process.
+RETRY_JOB = textwrap.dedent("""
+    import json, sys
+    from pyspark.sql import SparkSession
+    from dolly_spark import apply_instruction
+    from dolly_spark.models import load_count
+    from dolly_spark.registry import resolve_model
+
+    checkpoint = sys.argv[1]
+    spark = SparkSession.builder.master("local[1,2]").config("spark.ui.enabled", "false").getOrCreate()
+    tickets = spark.createDataFrame([("t1", "My thermostat resets."), ("t2", "Refund please.")],
+                                    "id STRING, body STRING")
+    out = apply_instruction(tickets.coalesce(1), "Summarize.", input_col="body", model_uri=checkpoint,
+                            prompt_format="dolly", max_new_tokens=4)
+    spark.sparkContext.setJobGroup("retried", "a broken model")
+    try:
+        report = {"rows": [row["response"].asDict() for row in out.collect()]}
+    except Exception as exc:
+        report = {"error": str(exc)}
+    tracker = spark.sparkContext.statusTracker()
+    jobs = [tracker.getJobInfo(job) for job in tracker.getJobIdsForGroup("retried")]
+    report["jobs"] = [job.status for job in jobs]
+    report["failed_task_attempts"] = sum(tracker.getStageInfo(stage).numFailedTasks
+                                         for job in jobs for stage in job.stageIds)
+    report["loads"] = load_count(resolve_model(checkpoint))
+    spark.stop()
+    print("REPORT " + json.dumps(report))
+""")
+
+
+@pytest.mark.slow
+def test_a_broken_model_fails_the_spark_task_which_spark_retries(broken_checkpoint, tmp_path):
+    repo = str(Path(__file__).resolve().parents[1])
+    # One model cache for the driver and the Python workers, so the driver can read the load ledger.
+    env = {**os.environ, "DOLLY_SPARK_HOME": str(tmp_path), "DOLLY_SPARK_MODEL_CACHE": str(tmp_path / "models"),
+           "PYSPARK_PYTHON": sys.executable,
+           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    job = subprocess.run([sys.executable, "-c", RETRY_JOB, str(broken_checkpoint)], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    lines = [line for line in job.stdout.splitlines() if line.startswith("REPORT ")]
+    assert lines, job.stderr[-3000:]
+    report = json.loads(lines[-1].removeprefix("REPORT "))
+    assert "rows" not in report, f"the broken model produced rows instead of failing: {report['rows']}"
+    assert "IndexError: index out of range" in report["error"], report["error"][-2000:]
+    assert report["jobs"] == ["FAILED"]
+    assert report["failed_task_attempts"] == 2  # the task failed, was retried, and failed again
+    assert report["loads"] == 2  # each attempt loaded the model afresh

@@ -6,8 +6,14 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from dolly_spark.inference.results import FINISH_ERROR, InstructionResult
+from dolly_spark.inference.results import FINISH_ERROR, GenerationSettings, InstructionResult
 from dolly_spark.prompts import PromptFormat, encode_segments, has_context
+
+# More characters per token than any natural text averages (English prose is about 4, code
+# about 3). An input longer than this many characters per allowed token is clearly over the
+# limit, so only that much of it is ever tokenized: a 200,000-character ticket costs what a
+# ticket at the limit costs.
+MAX_CHARS_PER_TOKEN = 16
 
 
 @dataclass
@@ -40,17 +46,33 @@ def context_window(model: Any, tokenizer: Any) -> int:
     raise ValueError("cannot tell the model's context window; set max_position_embeddings in its config")
 
 
+def prompt_limit(settings: GenerationSettings, window: int) -> tuple[int, str]:
+    """The most prompt tokens a row may have, and which limit that is, in words: the least of
+    ``max_input_tokens``, the context window and the token budget, the last two less
+    ``max_new_tokens`` (a row's answer needs room in both)."""
+    new = settings.max_new_tokens
+    limits = {
+        f"max_input_tokens={settings.max_input_tokens}": settings.max_input_tokens,
+        f"the model's context window of {window} minus max_new_tokens={new}": window - new,
+        f"token_budget={settings.token_budget} minus max_new_tokens={new}": settings.token_budget - new,
+    }
+    reason = min(limits, key=limits.__getitem__)
+    return limits[reason], reason
+
+
 class PromptEncoder:
-    """Encodes rows for one prompt format and tokenizer under a prompt-length limit."""
+    """Encodes rows for one prompt format and tokenizer under a prompt-length limit;
+    ``limit_reason`` says in words where the limit comes from, for error messages."""
 
     def __init__(self, tokenizer: Any, prompt_format: PromptFormat, max_prompt_tokens: int,
-                 max_new_tokens: int, on_overlong: str, seed: int):
+                 limit_reason: str, on_overlong: str, seed: int):
         self.tokenizer = tokenizer
         self.format = prompt_format
         self.max_prompt_tokens = max_prompt_tokens
-        self.max_new_tokens = max_new_tokens
+        self.limit_reason = limit_reason
         self.on_overlong = on_overlong
         self.seed = seed
+        self.max_context_chars = max_prompt_tokens * MAX_CHARS_PER_TOKEN
 
     def encode(self, index: int, instruction: Any, context: Any, key: Any,
                require_context: bool = False) -> EncodedRow | InstructionResult:
@@ -62,37 +84,50 @@ class PromptEncoder:
             what = "null" if instruction is None or not isinstance(instruction, str) else "empty"
             return InstructionResult(None, FINISH_ERROR, error=f"instruction is {what}; nothing to answer")
         context = context if isinstance(context, str) and has_context(context) else None
-        ids = encode_segments(self.tokenizer, self.format.prompt_segments(instruction, context))
+        clipped = context is not None and len(context) > self.max_context_chars
+        ids = self._prompt_ids(instruction, context[: self.max_context_chars] if clipped else context)
+        if clipped and len(ids) <= self.max_prompt_tokens:
+            # Tokens longer than MAX_CHARS_PER_TOKEN on average (runs of spaces, say): count
+            # the whole input rather than guess.
+            clipped = False
+            ids = self._prompt_ids(instruction, context)
         truncated = False
         if len(ids) > self.max_prompt_tokens:
             if self.on_overlong == "error" or context is None:
-                return self._overlong(len(ids), context is not None)
+                return self._overlong(len(ids), context is not None, counted_all=not clipped)
             length = len(ids)
             ids = self._truncate_context(instruction, context)
             truncated = True
             if ids is None:
-                return self._overlong(length, False)
+                return self._overlong(length, False, counted_all=not clipped)
         seed_key = key if key is not None else f"{instruction}\x00{context}"
         return EncodedRow(index, ids, truncated, row_seed(self.seed, seed_key))
 
-    def _overlong(self, length: int, has_ctx: bool) -> InstructionResult:
+    def _prompt_ids(self, instruction: str, context: str | None) -> list[int]:
+        return encode_segments(self.tokenizer, self.format.prompt_segments(instruction, context))
+
+    def _overlong(self, length: int, has_ctx: bool, counted_all: bool = True) -> InstructionResult:
+        """The error result of a prompt over the limit; ``counted_all`` is False when only the
+        input's first ``max_context_chars`` characters were tokenized (``length`` is then a
+        lower bound)."""
         hint = "shorten the input or raise the limit" if has_ctx else "the instruction alone is too long"
+        count = f"{length}" if counted_all else f"at least {length}"
         return InstructionResult(
             None, FINISH_ERROR, prompt_tokens=length,
-            error=(f"prompt has {length} tokens, over the {self.max_prompt_tokens} that fit "
-                   f"(context window minus max_new_tokens={self.max_new_tokens}); {hint}"),
+            error=(f"prompt has {count} tokens, over the {self.max_prompt_tokens} that fit "
+                   f"({self.limit_reason}); {hint}"),
         )
 
     def _truncate_context(self, instruction: str, context: str) -> list[int] | None:
         """Cut the context from its end until the prompt fits; None when even no context is too long."""
-        # A token spans at least one character in practice, so this pre-cut never drops text
-        # that could fit and keeps tokenizing a 200,000-character context cheap.
-        context = context[: self.max_prompt_tokens * 16]
+        # Text past this cut could only fit if its tokens averaged more than MAX_CHARS_PER_TOKEN
+        # characters; the cut keeps tokenizing a 200,000-character context cheap.
+        context = context[: self.max_context_chars]
         context_ids = self.tokenizer(context, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         keep = min(len(context_ids), self.max_prompt_tokens)
         while keep > 0:
             cut = self.tokenizer.decode(context_ids[:keep])
-            ids = encode_segments(self.tokenizer, self.format.prompt_segments(instruction, cut))
+            ids = self._prompt_ids(instruction, cut)
             if len(ids) <= self.max_prompt_tokens:
                 return ids
             keep -= len(ids) - self.max_prompt_tokens

@@ -16,8 +16,11 @@ class GenerationSettings:
     tokens its KV cache holds at the end. Within a micro-batch, prompts are prefilled in groups
     of similar length: a row shorter than ``min_length_ratio`` of its group's longest prompt
     starts a new group (0 prefills the micro-batch as one group); then the whole micro-batch
-    decodes together. ``on_overlong``: "truncate" cuts the context from its
-    end and flags the row; "error" answers the row with an error instead.
+    decodes together. ``max_input_tokens`` caps each prompt (template, instruction and input);
+    the prompt limit is the least of it, the model's context window and ``token_budget``, each
+    less ``max_new_tokens``, so no row ever needs a micro-batch over the budget. A prompt over
+    the limit follows ``on_overlong``: "truncate" cuts the context from its end and flags the
+    row; "error" answers the row with an error instead.
     ``repetition_penalty`` (> 1 discourages every token already in the row's answer, with
     transformers' arithmetic; 1.0: off) and ``no_repeat_ngram_size`` (no n-gram of that size twice
     in a row's answer; 0: off) stop the loops small models fall into. Unlike transformers' options
@@ -32,6 +35,7 @@ class GenerationSettings:
     top_k: int = 0
     seed: int = 0
     token_budget: int = 16384
+    max_input_tokens: int = 4096
     max_batch_rows: int = 64
     min_length_ratio: float = 0.75
     on_overlong: str = "truncate"
@@ -47,6 +51,14 @@ class GenerationSettings:
             raise ValueError(f"strategy must be one of {STRATEGIES}, not {self.strategy!r}")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
+        if self.max_input_tokens < 1:
+            raise ValueError(f"max_input_tokens must be at least 1, not {self.max_input_tokens}")
+        if self.token_budget <= self.max_new_tokens:
+            raise ValueError(
+                f"token_budget={self.token_budget} leaves no room for a prompt beside max_new_tokens="
+                f"{self.max_new_tokens}: a micro-batch holds rows x (prompt + max_new_tokens) tokens; "
+                "raise token_budget or lower max_new_tokens"
+            )
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError(
                 f"need temperature >= 0, 0 < top_p <= 1 and top_k >= 0 (0: off); got temperature="
