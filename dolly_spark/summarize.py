@@ -1,9 +1,11 @@
 """The ticket summarization job: incremental, idempotent, tracked.
 
-Reads a source Delta table of tickets, selects those without a result for the current model
-version in the target table, generates in chunks, and MERGEs each chunk into the target keyed
-by ticket id. A rerun with nothing new generates nothing; a crash loses at most the chunk in
-flight, and a rerun picks up exactly the tickets still missing.
+Reads a source Delta table of tickets, selects those without a current result in the target
+table (see ``dolly_spark.incremental``: a result is current when its request fingerprint and
+input hash match the run's), generates in chunks, and MERGEs each chunk into the target keyed
+by ticket id, never replacing an answer with an error. A rerun with nothing new generates
+nothing; a crash loses at most the chunk in flight, and a rerun picks up exactly the tickets
+still missing.
 
 Everything between reading the source and the MERGE is staged in Delta tables beside the target
 (``<target>__pending``: the run's fixed set of tickets; ``<target>__staged``: each chunk's
@@ -21,9 +23,11 @@ import mlflow
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from dolly_spark import incremental
 from dolly_spark.config import option
+from dolly_spark.incremental import attempt_key, input_hash, merge_results, request_fingerprint
 from dolly_spark.registry import ModelSpec, resolve_model
-from dolly_spark.tables import merge_on_keys, require_columns, require_table, table_exists
+from dolly_spark.tables import require_columns, require_table, table_exists
 from dolly_spark.udf import RESULT_SCHEMA, apply_instruction
 
 log = logging.getLogger(__name__)
@@ -57,7 +61,8 @@ class SummarizeConfig:
     prompt_format: str | None = option(None, "dolly, chat or plain; default: the model's registered format")
     partitions: int = option(0, "Spark partitions a chunk is generated in (0: the default parallelism); "
                              "one per GPU or per executor core")
-    retry_errors: bool = option(False, "also reprocess tickets whose result for this model version is an error")
+    max_attempts: int = option(3, "runs that try a ticket whose result is an error before giving up on it "
+                               "(until its text, the instruction, a setting or the model changes)")
     shared_model_dir: str = option("", "download the model once on the driver into this directory, which every node "
                                    "reads (a UC Volume, DBFS), for executors without registry access; "
                                    "empty: each node downloads it into its local cache")
@@ -74,6 +79,9 @@ class SummarizeReport:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     skipped_null_ids: int = 0
+    retried: int = 0
+    recovered: int = 0
+    given_up: int = 0
     wall_seconds: float = 0.0
 
     @property
@@ -92,6 +100,8 @@ def validate(spark: SparkSession, config: SummarizeConfig) -> tuple[DataFrame, M
     require_columns(source, {"text column": config.text_col}, where)
     if config.id_col not in source.columns:
         raise ValueError(f"id column {config.id_col!r} is not a column of {where}; its columns are {source.columns}")
+    if config.max_attempts < 1:
+        raise ValueError(f"max_attempts must be at least 1, not {config.max_attempts}")
     spec = resolve_model(config.model_uri, config.prompt_format)
     if table_exists(spark, config.target_table):
         missing = {config.id_col, *RESULT_COLUMNS} - set(spark.read.table(config.target_table).columns)
@@ -103,32 +113,50 @@ def validate(spark: SparkSession, config: SummarizeConfig) -> tuple[DataFrame, M
     return source, spec
 
 
-def pending_tickets(spark: SparkSession, source: DataFrame, config: SummarizeConfig, spec: ModelSpec) -> DataFrame:
-    """Source tickets with no result for ``spec``'s version in the target table (one row per id)."""
-    tickets = source.where(F.col(config.id_col).isNotNull()).dropDuplicates([config.id_col])
-    if not table_exists(spark, config.target_table):
-        return tickets
-    done = spark.read.table(config.target_table).where(
-        (F.col("model_name") == spec.name) & (F.col("model_version") == spec.version)
-    )
-    if config.retry_errors:
-        done = done.where(F.col("error").isNull())
-    return tickets.join(done.select(config.id_col), config.id_col, "left_anti")
+def job_request(config: SummarizeConfig, spec: ModelSpec) -> dict:
+    """Everything that changes a summary: the model version, the prompt format, the instruction
+    and the generation settings in effect (a version's registered repetition control included)."""
+    registered = dict(spec.generation_defaults)
+
+    def effective(name: str, off: float) -> float:
+        value = getattr(config, name)
+        return float(value if value is not None else registered.get(name, off))
+
+    return {
+        "model_name": spec.name, "model_version": spec.version, "prompt_format": spec.prompt_format or "auto",
+        "instruction": config.instruction, "max_new_tokens": config.max_new_tokens,
+        "max_input_tokens": config.max_input_tokens, "repetition_penalty": effective("repetition_penalty", 1.0),
+        "no_repeat_ngram_size": effective("no_repeat_ngram_size", 0), "decoding": "greedy",
+    }
+
+
+def pending_tickets(spark: SparkSession, source: DataFrame, config: SummarizeConfig, fingerprint: str) -> DataFrame:
+    """Source tickets (one row per id, with their ``input_hash``) that have no current result."""
+    tickets = source.where(F.col(config.id_col).isNotNull()).dropDuplicates([config.id_col]) \
+        .withColumn("input_hash", input_hash(F.col(config.text_col)))
+    target = spark.read.table(config.target_table) if table_exists(spark, config.target_table) else None
+    return incremental.pending(tickets, target, config.id_col, fingerprint, config.max_attempts)
 
 
 def run_summarize(spark: SparkSession, config: SummarizeConfig) -> SummarizeReport:
     """Run the job once; return what it did. Logs one MLflow run with its metrics."""
     source, spec = validate(spark, config)
     report = SummarizeReport(spec.name, spec.version)
+    fingerprint = request_fingerprint(job_request(config, spec))
     started = time.perf_counter()
     with mlflow.start_run(run_name="summarize_tickets"):
-        mlflow.log_params({**asdict(config), "model_version": spec.version, "model_name": spec.name})
+        mlflow.log_params({**asdict(config), "model_version": spec.version, "model_name": spec.name,
+                           "request_fingerprint": fingerprint})
         mlflow.set_tags({"job": "summarize_tickets", "resolved_model_uri": spec.uri})
+        if table_exists(spark, config.target_table):
+            added = incremental.upgrade_target(spark, config.target_table)
+            if added:
+                log.info("added %s to %s; its rows are summarized again once", added, config.target_table)
         report.skipped_null_ids = source.where(F.col(config.id_col).isNull()).count()
         if report.skipped_null_ids:
             log.warning("%d tickets in %s have a null %s and cannot be keyed; skipped",
                         report.skipped_null_ids, config.source_table, config.id_col)
-        pending = pending_tickets(spark, source, config, spec).select(config.id_col, config.text_col)
+        pending = pending_tickets(spark, source, config, fingerprint).select(config.id_col, config.text_col, "input_hash")
         if config.max_rows > 0:
             pending = pending.limit(config.max_rows)
         # Fix the set of tickets once, durably: re-evaluating a limit or an anti-join per chunk
@@ -142,9 +170,10 @@ def run_summarize(spark: SparkSession, config: SummarizeConfig) -> SummarizeRepo
         for chunk in range(chunks):
             tickets = spark.read.table(pending_table).where(
                 F.pmod(F.xxhash64(config.id_col), F.lit(chunks)) == chunk)
-            _summarize_chunk(spark, tickets, chunk, config, spec, report)
-            log.info("chunk %d/%d merged: %d rows written so far, %d errors",
-                     chunk + 1, chunks, report.rows_written, report.errors)
+            _summarize_chunk(spark, tickets, chunk, config, spec, fingerprint, report)
+            log.info("chunk %d/%d merged: %d rows written so far, %d errors (%d retried, %d recovered, %d given up)",
+                     chunk + 1, chunks, report.rows_written, report.errors, report.retried, report.recovered,
+                     report.given_up)
         _drop_staging(spark, config.target_table)
         report.wall_seconds = time.perf_counter() - started
         mlflow.log_metrics({
@@ -156,6 +185,9 @@ def run_summarize(spark: SparkSession, config: SummarizeConfig) -> SummarizeRepo
             "tokens_per_second": report.tokens_per_second,
             "wall_seconds": report.wall_seconds,
             "skipped_null_ids": report.skipped_null_ids,
+            "retried": report.retried,
+            "recovered": report.recovered,
+            "given_up": report.given_up,
         })
     return report
 
@@ -176,7 +208,7 @@ def _drop_staging(spark: SparkSession, target: str) -> None:
 
 
 def _summarize_chunk(spark: SparkSession, tickets: DataFrame, chunk: int, config: SummarizeConfig,
-                     spec: ModelSpec, report: SummarizeReport) -> None:
+                     spec: ModelSpec, fingerprint: str, report: SummarizeReport) -> None:
     results = apply_instruction(
         tickets.repartition(config.partitions or _default_parallelism(spark)), config.instruction,
         model_uri=spec.uri, input_col=config.text_col, key_col=config.id_col, output_col="_result",
@@ -186,12 +218,19 @@ def _summarize_chunk(spark: SparkSession, tickets: DataFrame, chunk: int, config
         arrow_batch_size=config.arrow_batch_size, shared_model_dir=config.shared_model_dir or None,
     )
     flat = results.select(config.id_col, "_result.*", F.current_timestamp().alias("processed_at"),
+                          F.lit(fingerprint).alias("request_fingerprint"), "input_hash",
+                          attempt_key(F.lit(fingerprint), F.col("input_hash")).alias("attempt_key"),
                           F.lit(chunk).alias("_chunk"))
     # Generate exactly once: the results land in Delta before the MERGE reads them (a MERGE may
     # read its source more than once, and may be retried after a lost executor).
     staged_table = _stage(flat, staging_table(config.target_table, "staged"), "overwrite" if chunk == 0 else "append")
     staged = spark.read.table(staged_table).where(F.col("_chunk") == chunk).drop("_chunk")
-    merge_on_keys(spark, staged, config.target_table, [config.id_col])
+    target = spark.read.table(config.target_table) if table_exists(spark, config.target_table) else None
+    outcomes = incremental.attempt_outcomes(staged, target, config.id_col, config.max_attempts)
+    merge_results(spark, staged, config.target_table, config.id_col)
+    report.retried += outcomes["retried"]
+    report.recovered += outcomes["recovered"]
+    report.given_up += outcomes["given_up"]
     totals = staged.agg(
         F.count(F.lit(1)).alias("rows"),
         F.count("error").alias("errors"),

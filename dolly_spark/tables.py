@@ -1,4 +1,4 @@
-"""Delta tables: existence and column checks with actionable errors, versions, keyed MERGE."""
+"""Delta tables: existence and column checks with actionable errors, versions."""
 from __future__ import annotations
 
 from pyspark.sql import DataFrame, SparkSession
@@ -42,24 +42,3 @@ def delta_version(spark: SparkSession, table: str) -> int:
     from delta.tables import DeltaTable
 
     return DeltaTable.forName(spark, table).history(1).collect()[0]["version"]
-
-
-def merge_on_keys(spark: SparkSession, updates: DataFrame, target: str, keys: list[str]) -> None:
-    """MERGE ``updates`` into Delta table ``target`` on ``keys``: update matches, insert the rest.
-
-    The target is created from ``updates``'s schema when it does not exist yet, so a first run
-    and a rerun go through the same idempotent path.
-    """
-    from delta.tables import DeltaTable
-
-    if not table_exists(spark, target):
-        updates.limit(0).write.format("delta").saveAsTable(target)
-    condition = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
-    (
-        DeltaTable.forName(spark, target)
-        .alias("t")
-        .merge(updates.alias("s"), condition)
-        .whenMatchedUpdateAll()
-        .whenNotMatchedInsertAll()
-        .execute()
-    )

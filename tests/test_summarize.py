@@ -45,12 +45,14 @@ def one_row_per_ticket(spark, target: str) -> dict[str, dict]:
 def test_job_end_to_end_then_rerun_does_nothing(spark, registered_tiny):
     name, version = registered_tiny
     source = make_source(spark, "tickets_e2e")
-    config = config_for(source, "summaries_e2e", f"models:/{name}@champion")
+    # One attempt: the ticket without text (T-3) is given up at once, so the rerun has nothing to do.
+    config = config_for(source, "summaries_e2e", f"models:/{name}@champion", max_attempts=1)
 
     first = run_summarize(spark, config)
     rows = one_row_per_ticket(spark, "summaries_e2e")
     assert sorted(rows) == ["T-1", "T-2", "T-3", "T-4", "T-5", "T-6"]
     assert (first.rows_pending, first.rows_written, first.errors, first.skipped_null_ids) == (6, 6, 1, 1)
+    assert (first.retried, first.recovered, first.given_up) == (0, 0, 1)
     assert rows["T-3"]["error"] and rows["T-3"]["finish_reason"] == "error"
     assert all(rows[t]["response"] for t in ("T-1", "T-2", "T-4", "T-5", "T-6"))
     assert {row["model_version"] for row in rows.values()} == {version}
@@ -81,8 +83,9 @@ def _experiment_id() -> str:
 def test_crash_mid_run_then_rerun_leaves_one_row_per_ticket(spark, registered_tiny, monkeypatch):
     name, _ = registered_tiny
     source = make_source(spark, "tickets_crash")
-    config = config_for(source, "summaries_crash", f"models:/{name}@champion", chunk_rows=2)
-    real_merge, merges = summarize.merge_on_keys, []
+    # One attempt, so a ticket that landed with an error (T-3 has no text) is not retried.
+    config = config_for(source, "summaries_crash", f"models:/{name}@champion", chunk_rows=2, max_attempts=1)
+    real_merge, merges = summarize.merge_results, []
 
     def merge_then_crash(*args, **kwargs):
         if merges:
@@ -90,13 +93,13 @@ def test_crash_mid_run_then_rerun_leaves_one_row_per_ticket(spark, registered_ti
         merges.append(args)
         real_merge(*args, **kwargs)
 
-    monkeypatch.setattr(summarize, "merge_on_keys", merge_then_crash)
+    monkeypatch.setattr(summarize, "merge_results", merge_then_crash)
     with pytest.raises(RuntimeError, match="injected"):
         run_summarize(spark, config)
     survived = one_row_per_ticket(spark, "summaries_crash")
     assert 0 < len(survived) < 6  # the first chunk landed, the rest did not
 
-    monkeypatch.setattr(summarize, "merge_on_keys", real_merge)
+    monkeypatch.setattr(summarize, "merge_results", real_merge)
     rerun = run_summarize(spark, config)
     assert rerun.rows_pending == 6 - len(survived)
     rows = one_row_per_ticket(spark, "summaries_crash")
