@@ -104,23 +104,27 @@ def with_tracking(staged: DataFrame) -> DataFrame:
     return staged.select("*", *extra)
 
 
-def attempt_outcomes(staged: DataFrame, target: DataFrame | None, id_col: str, max_attempts: int) -> dict[str, int]:
-    """For a chunk about to be merged: how many rows are retries of a failed request
-    (``retried``), how many of those now succeed (``recovered``), and how many failures reach
-    ``max_attempts`` with this one (``given_up``)."""
+def chunk_totals(staged: DataFrame, target: DataFrame | None, id_col: str, max_attempts: int) -> dict[str, int]:
+    """What a chunk about to be merged holds, in one Spark job: rows, errors, prompt and completion
+    tokens; how many rows retry a failed request (``retried``), how many of those now succeed
+    (``recovered``), and how many failures reach ``max_attempts`` with this one (``given_up``)."""
     if target is None:
-        previous = staged.select(id_col).withColumn("prev_key", F.lit(None).cast("string")) \
-            .withColumn("prev_attempts", F.lit(None).cast("int")).withColumn("prev_error", F.lit(None).cast("string"))
+        joined = staged.select("*", F.lit(None).cast("string").alias("prev_key"),
+                               F.lit(None).cast("int").alias("prev_attempts"), F.lit(None).cast("string").alias("prev_error"))
     else:
         previous = target.select(id_col, F.col("attempt_key").alias("prev_key"),
                                  F.col("attempts").alias("prev_attempts"), F.col("last_error").alias("prev_error"))
-    joined = staged.join(previous, id_col, "left")
-    retry = (F.col("prev_key") == F.col("attempt_key")) & F.col("prev_error").isNotNull()
-    attempts_now = F.when(F.col("prev_key") == F.col("attempt_key"), F.coalesce(F.col("prev_attempts"), F.lit(0)) + 1) \
-        .otherwise(F.lit(1))
+        joined = staged.join(previous, id_col, "left")
+    same_request = F.col("prev_key") == F.col("attempt_key")
+    retry = same_request & F.col("prev_error").isNotNull()
+    attempts_now = F.when(same_request, F.coalesce(F.col("prev_attempts"), F.lit(0)) + 1).otherwise(F.lit(1))
     totals = joined.agg(
+        F.count(F.lit(1)).alias("rows"),
+        F.count("error").alias("errors"),
+        F.sum("prompt_tokens").alias("prompt_tokens"),
+        F.sum("completion_tokens").alias("completion_tokens"),
         F.sum(F.when(retry, 1).otherwise(0)).alias("retried"),
         F.sum(F.when(retry & F.col("error").isNull(), 1).otherwise(0)).alias("recovered"),
         F.sum(F.when(F.col("error").isNotNull() & (attempts_now >= max_attempts), 1).otherwise(0)).alias("given_up"),
     ).first()
-    return {name: int(totals[name] or 0) for name in ("retried", "recovered", "given_up")}
+    return {name: int(totals[name] or 0) for name in totals.asDict()}

@@ -28,7 +28,8 @@ from dolly_spark.config import option
 from dolly_spark.incremental import attempt_key, input_hash, merge_results, request_fingerprint
 from dolly_spark.registry import ModelSpec, resolve_model
 from dolly_spark.tables import require_columns, require_table, table_exists
-from dolly_spark.udf import RESULT_SCHEMA, apply_instruction
+from dolly_spark.inference.results import GenerationSettings
+from dolly_spark.udf import RESULT_SCHEMA, apply_instruction, with_registered_defaults
 
 log = logging.getLogger(__name__)
 
@@ -116,17 +117,15 @@ def validate(spark: SparkSession, config: SummarizeConfig) -> tuple[DataFrame, M
 def job_request(config: SummarizeConfig, spec: ModelSpec) -> dict:
     """Everything that changes a summary: the model version, the prompt format, the instruction
     and the generation settings in effect (a version's registered repetition control included)."""
-    registered = dict(spec.generation_defaults)
-
-    def effective(name: str, off: float) -> float:
-        value = getattr(config, name)
-        return float(value if value is not None else registered.get(name, off))
-
+    settings = with_registered_defaults(
+        GenerationSettings(repetition_penalty=config.repetition_penalty or 1.0,
+                           no_repeat_ngram_size=config.no_repeat_ngram_size or 0),
+        spec, config.repetition_penalty is None, config.no_repeat_ngram_size is None)
     return {
         "model_name": spec.name, "model_version": spec.version, "prompt_format": spec.prompt_format or "auto",
         "instruction": config.instruction, "max_new_tokens": config.max_new_tokens,
-        "max_input_tokens": config.max_input_tokens, "repetition_penalty": effective("repetition_penalty", 1.0),
-        "no_repeat_ngram_size": effective("no_repeat_ngram_size", 0), "decoding": "greedy",
+        "max_input_tokens": config.max_input_tokens, "repetition_penalty": float(settings.repetition_penalty),
+        "no_repeat_ngram_size": float(settings.no_repeat_ngram_size), "decoding": "greedy",
     }
 
 
@@ -226,21 +225,16 @@ def _summarize_chunk(spark: SparkSession, tickets: DataFrame, chunk: int, config
     staged_table = _stage(flat, staging_table(config.target_table, "staged"), "overwrite" if chunk == 0 else "append")
     staged = spark.read.table(staged_table).where(F.col("_chunk") == chunk).drop("_chunk")
     target = spark.read.table(config.target_table) if table_exists(spark, config.target_table) else None
-    outcomes = incremental.attempt_outcomes(staged, target, config.id_col, config.max_attempts)
+    # Counted before the MERGE: the outcomes compare each row with what the target held.
+    totals = incremental.chunk_totals(staged, target, config.id_col, config.max_attempts)
     merge_results(spark, staged, config.target_table, config.id_col)
-    report.retried += outcomes["retried"]
-    report.recovered += outcomes["recovered"]
-    report.given_up += outcomes["given_up"]
-    totals = staged.agg(
-        F.count(F.lit(1)).alias("rows"),
-        F.count("error").alias("errors"),
-        F.coalesce(F.sum("prompt_tokens"), F.lit(0)).alias("prompt_tokens"),
-        F.coalesce(F.sum("completion_tokens"), F.lit(0)).alias("completion_tokens"),
-    ).first()
     report.rows_written += totals["rows"]
     report.errors += totals["errors"]
     report.prompt_tokens += totals["prompt_tokens"]
     report.generated_tokens += totals["completion_tokens"]
+    report.retried += totals["retried"]
+    report.recovered += totals["recovered"]
+    report.given_up += totals["given_up"]
 
 
 def _default_parallelism(spark: SparkSession) -> int:

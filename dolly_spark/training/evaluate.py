@@ -14,7 +14,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from dolly_spark.config import option
-from dolly_spark.registry import CHALLENGER, CHAMPION, alias_version, resolve_model, set_alias
+from dolly_spark.registry import CHALLENGER, CHAMPION, alias_version, set_alias
 from dolly_spark.training.base_model import load_base_model
 from dolly_spark.training.data import load_records, stratified_split, validate_records
 from dolly_spark.training.model_scoring import category_chart, flat_metrics, score_model
@@ -70,16 +70,9 @@ def held_out_records(config: EvaluateConfig, spark: Any = None, trained_on: dict
 
 
 def _evaluate_version(name: str, version: str, records, config: EvaluateConfig) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from dolly_spark.models import local_model_paths
-
-    spec = resolve_model(f"models:/{name}/{version}")
-    model_path, tokenizer_path = local_model_paths(spec)
-    model = AutoModelForCausalLM.from_pretrained(model_path)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    fmt = spec.prompt_format or "dolly"
-    return score_model(model, tokenizer, records, fmt, config.max_new_tokens, config.max_length)
+    registered = load_base_model(f"models:/{name}/{version}")
+    return score_model(registered.model, registered.tokenizer, records, registered.registered_format or "dolly",
+                       config.max_new_tokens, config.max_length)
 
 
 def _evaluate_base(metadata: dict[str, Any], records, config: EvaluateConfig) -> dict[str, Any] | None:

@@ -131,13 +131,13 @@ def _init_new_key_embeddings(model: Any, tokenizer: Any, pieces: dict[str, list[
         new_id = tokenizer.convert_tokens_to_ids(key)
         if not old_ids or new_id in old_ids:
             continue  # the key was already one token
+        like_eos = key == END_KEY and eos is not None
+        if tied:  # one row is both the input and the prediction
+            inputs[new_id] = inputs[eos] if like_eos else inputs[old_ids].mean(dim=0)
+            continue
         inputs[new_id] = inputs[old_ids].mean(dim=0)
-        if key == END_KEY and eos is not None:
-            inputs[new_id] = inputs[eos] if tied else inputs[new_id]
-            if outputs is not None and not tied:
-                outputs[new_id] = outputs[eos]
-        elif outputs is not None and not tied:
-            outputs[new_id] = outputs[old_ids].mean(dim=0)
+        if outputs is not None:
+            outputs[new_id] = outputs[eos] if like_eos else outputs[old_ids].mean(dim=0)
 
 
 def _with_lora(model: Any, rank: int, train_embeddings: bool) -> Any:
