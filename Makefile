@@ -31,6 +31,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
+	$(PY) -m benchmarks.job_scale
 
 clean:
 	rm -rf $(VENV) .dolly_spark

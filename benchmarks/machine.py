@@ -164,7 +164,7 @@ def measure_machine(size: int = 2048, seconds: float = 2.0, bandwidth_seconds: f
             roofs.setdefault(precision, {})[layout] = roof
     fp32 = roofs["fp32"]
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -180,7 +180,7 @@ def measure_machine(size: int = 2048, seconds: float = 2.0, bandwidth_seconds: f
     }
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
             for line in info:

@@ -72,9 +72,12 @@ def pending(tickets: DataFrame, target: DataFrame | None, id_col: str, fingerpri
     return tickets.alias("s").join(target.alias("t"), done_condition, "left_anti")
 
 
-def merge_results(spark: SparkSession, staged: DataFrame, target: str, id_col: str) -> None:
+def merge_results(spark: SparkSession, staged: DataFrame, target: str, id_col: str,
+                  target_range: Column | None = None) -> None:
     """MERGE ``staged`` results (result columns, ``processed_at``, ``request_fingerprint``,
-    ``input_hash``, ``attempt_key``) into ``target`` by ``id_col``; errors never replace answers."""
+    ``input_hash``, ``attempt_key``) into ``target`` by ``id_col``; errors never replace answers.
+    ``target_range``, a predicate on the target's columns (aliased ``t``) that every staged id
+    satisfies, lets Delta skip the target files outside it."""
     from delta.tables import DeltaTable
 
     if not spark.catalog.tableExists(target):
@@ -83,9 +86,10 @@ def merge_results(spark: SparkSession, staged: DataFrame, target: str, id_col: s
     attempt = {"attempts": attempts, "last_attempt_at": "s.processed_at", "attempt_key": "s.attempt_key"}
     everything = {name: f"s.`{name}`" for name in staged.columns if name not in attempt}
     quoted = lambda assignments: {f"`{name}`": value for name, value in assignments.items()}  # noqa: E731
+    same_id = F.col(f"t.`{id_col}`").eqNullSafe(F.col(f"s.`{id_col}`"))
     (
         DeltaTable.forName(spark, target).alias("t")
-        .merge(staged.alias("s"), f"t.`{id_col}` <=> s.`{id_col}`")
+        .merge(staged.alias("s"), same_id if target_range is None else target_range & same_id)
         # A success replaces whatever was there.
         .whenMatchedUpdate("s.error IS NULL", quoted({**everything, **attempt, "last_error": "NULL"}))
         # A failure beside a good answer: the answer stays, the failure is recorded.

@@ -175,3 +175,30 @@ def _require_delta_classes(jvm) -> None:
 def _hive_site_on_classpath(jvm) -> bool:
     loader = jvm.java.lang.Thread.currentThread().getContextClassLoader()
     return loader.getResource("hive-site.xml") is not None
+
+
+def generation_parallelism(spark: SparkSession) -> int:
+    """How many generation tasks run at once by default: one per GPU on GPU executors (from the
+    executor and task GPU resource settings and the executors registered now), else Spark's
+    default parallelism (the executors' cores)."""
+    try:
+        context = spark.sparkContext
+    except Exception:  # noqa: BLE001 - Spark Connect sessions have no SparkContext
+        return int(spark.conf.get("spark.default.parallelism", "8"))
+    conf = dict(context.getConf().getAll())
+    # getExecutorMemoryStatus lists the block managers: every executor and the driver.
+    executors = max(1, context._jsc.sc().getExecutorMemoryStatus().size() - 1)
+    return tasks_per_wave(conf, executors, context.defaultParallelism)
+
+
+def tasks_per_wave(conf: dict[str, str], executors: int, default_parallelism: int) -> int:
+    """One task per GPU when executors have GPUs and each task takes some
+    (``spark.executor.resource.gpu.amount`` / ``spark.task.resource.gpu.amount`` per executor);
+    ``default_parallelism`` otherwise. ``spark.executor.instances``, when set, counts the
+    executors still coming up."""
+    executor_gpus = float(conf.get("spark.executor.resource.gpu.amount", 0) or 0)
+    task_gpus = float(conf.get("spark.task.resource.gpu.amount", 0) or 0)
+    if executor_gpus <= 0 or task_gpus <= 0:
+        return default_parallelism
+    executors = max(executors, int(conf.get("spark.executor.instances", 0) or 0))
+    return max(1, executors * int(executor_gpus / task_gpus + 1e-9))

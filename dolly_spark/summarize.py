@@ -1,4 +1,4 @@
-"""The ticket summarization job: incremental, idempotent, tracked.
+"""The ticket summarization job: incremental, idempotent, tracked, one pass at any size.
 
 Reads a source Delta table of tickets, selects those without a current result in the target
 table (see ``dolly_spark.incremental``: a result is current when its request fingerprint and
@@ -7,26 +7,30 @@ by ticket id, never replacing an answer with an error. A rerun with nothing new 
 nothing; a crash loses at most the chunk in flight, and a rerun picks up exactly the tickets
 still missing.
 
-Everything between reading the source and the MERGE is staged in Delta tables beside the target
-(``<target>__pending``: the run's fixed set of tickets; ``<target>__staged``: each chunk's
-results), never in executor memory: a lost executor makes Spark retry tasks, and a chunk's
-results are generated once even when the MERGE has to be retried.
+Each run reads the source and the target once, to stage its pending tickets in Delta, laid out
+in chunks of id ranges (``dolly_spark.staging``); each chunk then reads only its own staged
+files and MERGEs with its id range, so Delta skips the target files of other chunks. Nothing is
+held in executor memory: a lost executor makes Spark retry tasks, and a chunk's results are
+generated once even when the MERGE has to be retried. A run claims its target first
+(``dolly_spark.claims``): a second run on the same target fails fast, naming the first.
 """
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 
 import mlflow
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from dolly_spark import incremental
+from dolly_spark import claims, incremental, staging
 from dolly_spark.config import option
 from dolly_spark.incremental import attempt_key, input_hash, merge_results, request_fingerprint
+from dolly_spark.progress import ChunkProgress
 from dolly_spark.registry import ModelSpec, resolve_model
+from dolly_spark.sessions import generation_parallelism
 from dolly_spark.tables import require_columns, require_table, table_exists
 from dolly_spark.inference.results import GenerationSettings
 from dolly_spark.udf import RESULT_SCHEMA, apply_instruction, with_registered_defaults
@@ -54,19 +58,23 @@ class SummarizeConfig:
     no_repeat_ngram_size: int | None = option(None, "no n-gram of this size twice in the summary (0: off); "
                                               "default: the value registered with the model version")
     max_rows: int = option(0, "process at most this many pending tickets in one run (0: all of them)")
-    chunk_rows: int = option(5000, "tickets generated and merged per chunk; a crash loses at most one chunk")
+    chunk_rows: int = option(5000, "tickets generated and merged per chunk (chunks are ranges of the id); "
+                             "a crash loses at most one chunk")
     token_budget: int = option(16384, "tokens per generation micro-batch: rows x (prompt + max_new_tokens)")
     max_input_tokens: int = option(4096, "the longest prompt (template, instruction and ticket), in tokens; "
                                    "a longer ticket is cut from its end and flagged truncated")
     arrow_batch_size: int = option(256, "rows per Arrow batch sent to a Python worker")
     prompt_format: str | None = option(None, "dolly, chat or plain; default: the model's registered format")
-    partitions: int = option(0, "Spark partitions a chunk is generated in (0: the default parallelism); "
-                             "one per GPU or per executor core")
+    partitions: int = option(0, "Spark tasks a chunk is generated in (0: one per GPU on GPU executors, "
+                             "from spark.executor/task.resource.gpu.amount; else one per executor core)")
     max_attempts: int = option(3, "runs that try a ticket whose result is an error before giving up on it "
                                "(until its text, the instruction, a setting or the model changes)")
     shared_model_dir: str = option("", "download the model once on the driver into this directory, which every node "
                                    "reads (a UC Volume, DBFS), for executors without registry access; "
                                    "empty: each node downloads it into its local cache")
+    claim_timeout_minutes: float = option(60, "a run claims its target table; a claim without a heartbeat "
+                                          "(one per chunk) for this long is taken to be a dead run's, "
+                                          "and taken over")
     experiment: str = option("dolly_spark", "MLflow experiment of the job's runs")
 
 
@@ -83,6 +91,7 @@ class SummarizeReport:
     retried: int = 0
     recovered: int = 0
     given_up: int = 0
+    chunks: int = 0
     wall_seconds: float = 0.0
 
     @property
@@ -130,50 +139,33 @@ def job_request(config: SummarizeConfig, spec: ModelSpec) -> dict:
 
 
 def pending_tickets(spark: SparkSession, source: DataFrame, config: SummarizeConfig, fingerprint: str) -> DataFrame:
-    """Source tickets (one row per id, with their ``input_hash``) that have no current result."""
-    tickets = source.where(F.col(config.id_col).isNotNull()).dropDuplicates([config.id_col]) \
-        .withColumn("input_hash", input_hash(F.col(config.text_col)))
+    """One row per ticket id (with its ``input_hash``) that has no current result, and one that
+    counts the rows with a null id (see ``staging.one_row_per_id``)."""
+    tickets = staging.one_row_per_id(
+        source.select(config.id_col, config.text_col, input_hash(F.col(config.text_col)).alias("input_hash")),
+        config.id_col)
     target = spark.read.table(config.target_table) if table_exists(spark, config.target_table) else None
     return incremental.pending(tickets, target, config.id_col, fingerprint, config.max_attempts)
 
 
 def run_summarize(spark: SparkSession, config: SummarizeConfig) -> SummarizeReport:
-    """Run the job once; return what it did. Logs one MLflow run with its metrics."""
+    """Run the job once; return what it did. Logs one MLflow run with its metrics, and per chunk
+    its progress (``step`` = chunk). Raises TargetBusyError, naming the other run, when another
+    run is writing the same target."""
     source, spec = validate(spark, config)
     report = SummarizeReport(spec.name, spec.version)
     fingerprint = request_fingerprint(job_request(config, spec))
     started = time.perf_counter()
-    with mlflow.start_run(run_name="summarize_tickets"):
+    with mlflow.start_run(run_name="summarize_tickets") as run:
         mlflow.log_params({**asdict(config), "model_version": spec.version, "model_name": spec.name,
                            "request_fingerprint": fingerprint})
         mlflow.set_tags({"job": "summarize_tickets", "resolved_model_uri": spec.uri})
-        if table_exists(spark, config.target_table):
-            added = incremental.upgrade_target(spark, config.target_table)
-            if added:
-                log.info("added %s to %s; its rows are summarized again once", added, config.target_table)
-        report.skipped_null_ids = source.where(F.col(config.id_col).isNull()).count()
-        if report.skipped_null_ids:
-            log.warning("%d tickets in %s have a null %s and cannot be keyed; skipped",
-                        report.skipped_null_ids, config.source_table, config.id_col)
-        pending = pending_tickets(spark, source, config, fingerprint).select(config.id_col, config.text_col, "input_hash")
-        if config.max_rows > 0:
-            pending = pending.limit(config.max_rows)
-        # Fix the set of tickets once, durably: re-evaluating a limit or an anti-join per chunk
-        # could pick other rows, the target changes under us as chunks are merged, and data
-        # held by an executor is gone with it.
-        pending_table = _stage(pending, staging_table(config.target_table, "pending"), "overwrite")
-        report.rows_pending = spark.read.table(pending_table).count()
-        chunks = math.ceil(report.rows_pending / max(1, config.chunk_rows))
-        log.info("%d tickets of %s to summarize with %s version %s, in %d chunks",
-                 report.rows_pending, config.source_table, spec.name, spec.version, chunks)
-        for chunk in range(chunks):
-            tickets = spark.read.table(pending_table).where(
-                F.pmod(F.xxhash64(config.id_col), F.lit(chunks)) == chunk)
-            _summarize_chunk(spark, tickets, chunk, config, spec, fingerprint, report)
-            log.info("chunk %d/%d merged: %d rows written so far, %d errors (%d retried, %d recovered, %d given up)",
-                     chunk + 1, chunks, report.rows_written, report.errors, report.retried, report.recovered,
-                     report.given_up)
-        _drop_staging(spark, config.target_table)
+        claim = claims.acquire(spark, config.target_table, _owner(spark, run),
+                               timedelta(minutes=config.claim_timeout_minutes))
+        try:
+            _summarize_pending(spark, source, config, spec, fingerprint, report, claim)
+        finally:
+            claim.release()
         report.wall_seconds = time.perf_counter() - started
         mlflow.log_metrics({
             "rows_read": report.rows_pending,
@@ -187,29 +179,57 @@ def run_summarize(spark: SparkSession, config: SummarizeConfig) -> SummarizeRepo
             "retried": report.retried,
             "recovered": report.recovered,
             "given_up": report.given_up,
+            "chunks": report.chunks,
         })
     return report
 
 
-def staging_table(target: str, role: str) -> str:
-    """The staging table for ``role`` ("pending" or "staged") of ``target``, in its schema."""
-    return f"{target}__{role}"
+def _summarize_pending(spark: SparkSession, source: DataFrame, config: SummarizeConfig, spec: ModelSpec,
+                       fingerprint: str, report: SummarizeReport, claim: claims.Claim) -> None:
+    if table_exists(spark, config.target_table):
+        added = incremental.upgrade_target(spark, config.target_table)
+        if added:
+            log.info("added %s to %s; its rows are summarized again once", added, config.target_table)
+    # Fix the set of tickets once, durably, from one read of the source and one of the target:
+    # re-evaluating the anti-join per chunk would rescan both and could pick other rows (the
+    # target changes as chunks are merged), and data held by an executor is gone with it.
+    pending_table = staging.stage_pending(pending_tickets(spark, source, config, fingerprint), config.target_table)
+    pending = staging.plan_chunks(spark, pending_table, config.id_col, config.chunk_rows, config.max_rows)
+    report.rows_pending, report.chunks = pending.rows, len(pending.chunks)
+    report.skipped_null_ids = pending.null_id_rows
+    if pending.null_id_rows:
+        log.warning("%d tickets in %s have a null %s and cannot be keyed; skipped",
+                    pending.null_id_rows, config.source_table, config.id_col)
+    if pending.duplicate_id_rows:
+        log.warning("%d rows of %s repeat a %s already seen; one row per id is summarized",
+                    pending.duplicate_id_rows, config.source_table, config.id_col)
+    log.info("%d tickets of %s to summarize with %s version %s, in %d chunks", report.rows_pending,
+             config.source_table, spec.name, spec.version, report.chunks)
+    partitions = config.partitions or generation_parallelism(spark)
+    progress = ChunkProgress(report.rows_pending, report.chunks)
+    for step, chunk in enumerate(pending.chunks):
+        claim.heartbeat()
+        tickets = staging.read_chunk(spark, pending, chunk).repartition(partitions)
+        _summarize_chunk(spark, tickets, chunk, step == 0, config, spec, fingerprint, report)
+        progress.chunk_done(step, chunk.rows, f"{report.errors} errors so far ({report.retried} retried, "
+                                              f"{report.recovered} recovered, {report.given_up} given up)")
+    staging.drop_staging(spark, config.target_table)
 
 
-def _stage(df: DataFrame, table: str, mode: str) -> str:
-    df.write.format("delta").mode(mode).option("overwriteSchema", "true").saveAsTable(table)
-    return table
+def _owner(spark: SparkSession, run) -> dict:
+    """This run, as other runs' errors name it."""
+    owner = {"mlflow_run_id": run.info.run_id}
+    try:
+        owner["spark_app_id"] = spark.sparkContext.applicationId
+    except Exception:  # noqa: BLE001 - Spark Connect sessions have no SparkContext
+        pass
+    return owner
 
 
-def _drop_staging(spark: SparkSession, target: str) -> None:
-    for role in ("pending", "staged"):
-        spark.sql(f"DROP TABLE IF EXISTS {staging_table(target, role)}")
-
-
-def _summarize_chunk(spark: SparkSession, tickets: DataFrame, chunk: int, config: SummarizeConfig,
-                     spec: ModelSpec, fingerprint: str, report: SummarizeReport) -> None:
+def _summarize_chunk(spark: SparkSession, tickets: DataFrame, chunk: staging.Chunk, first: bool,
+                     config: SummarizeConfig, spec: ModelSpec, fingerprint: str, report: SummarizeReport) -> None:
     results = apply_instruction(
-        tickets.repartition(config.partitions or _default_parallelism(spark)), config.instruction,
+        tickets, config.instruction,
         model_uri=spec.uri, input_col=config.text_col, key_col=config.id_col, output_col="_result",
         max_new_tokens=config.max_new_tokens, prompt_format=spec.prompt_format, token_budget=config.token_budget,
         max_input_tokens=config.max_input_tokens, repetition_penalty=config.repetition_penalty,
@@ -218,16 +238,16 @@ def _summarize_chunk(spark: SparkSession, tickets: DataFrame, chunk: int, config
     )
     flat = results.select(config.id_col, "_result.*", F.current_timestamp().alias("processed_at"),
                           F.lit(fingerprint).alias("request_fingerprint"), "input_hash",
-                          attempt_key(F.lit(fingerprint), F.col("input_hash")).alias("attempt_key"),
-                          F.lit(chunk).alias("_chunk"))
+                          attempt_key(F.lit(fingerprint), F.col("input_hash")).alias("attempt_key"))
     # Generate exactly once: the results land in Delta before the MERGE reads them (a MERGE may
     # read its source more than once, and may be retried after a lost executor).
-    staged_table = _stage(flat, staging_table(config.target_table, "staged"), "overwrite" if chunk == 0 else "append")
-    staged = spark.read.table(staged_table).where(F.col("_chunk") == chunk).drop("_chunk")
-    target = spark.read.table(config.target_table) if table_exists(spark, config.target_table) else None
+    staged = staging.stage_results(spark, flat, config.target_table, chunk, first)
+    # Only the chunk's id range of the target: Delta skips the files of every other chunk.
+    in_chunk = chunk.id_range(F.col(config.id_col))
+    target = spark.read.table(config.target_table).where(in_chunk) if table_exists(spark, config.target_table) else None
     # Counted before the MERGE: the outcomes compare each row with what the target held.
     totals = incremental.chunk_totals(staged, target, config.id_col, config.max_attempts)
-    merge_results(spark, staged, config.target_table, config.id_col)
+    merge_results(spark, staged, config.target_table, config.id_col, chunk.id_range(F.col(f"t.`{config.id_col}`")))
     report.rows_written += totals["rows"]
     report.errors += totals["errors"]
     report.prompt_tokens += totals["prompt_tokens"]
@@ -235,13 +255,6 @@ def _summarize_chunk(spark: SparkSession, tickets: DataFrame, chunk: int, config
     report.retried += totals["retried"]
     report.recovered += totals["recovered"]
     report.given_up += totals["given_up"]
-
-
-def _default_parallelism(spark: SparkSession) -> int:
-    try:
-        return spark.sparkContext.defaultParallelism
-    except Exception:  # noqa: BLE001 - Spark Connect sessions have no SparkContext
-        return int(spark.conf.get("spark.default.parallelism", "8"))
 
 
 def preview(spark: SparkSession, config: SummarizeConfig, rows: int = 10) -> str:

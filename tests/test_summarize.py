@@ -30,8 +30,8 @@ def make_source(spark, table: str) -> str:
 
 
 def config_for(source: str, target: str, model: str, **overrides) -> SummarizeConfig:
-    return SummarizeConfig(source_table=source, target_table=target, model_uri=model, max_new_tokens=6,
-                           partitions=2, experiment="tests", **overrides)
+    settings = {"max_new_tokens": 6, "partitions": 2, "experiment": "tests", **overrides}
+    return SummarizeConfig(source_table=source, target_table=target, model_uri=model, **settings)
 
 
 def one_row_per_ticket(spark, target: str) -> dict[str, dict]:
