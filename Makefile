@@ -32,6 +32,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
 	$(PY) -m benchmarks.job_scale
+	$(PY) -m benchmarks.structured
 
 clean:
 	rm -rf $(VENV) .dolly_spark

@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
     "pyyaml>=6,<7",
     "filelock>=3.12,<5",
     "rouge-score>=0.1.2,<0.2",
+    # JSON-schema constrained generation (json_schema answers); Rust, no Python dependencies.
+    "llguidance>=1.9,<2",
 ]
 
 EXTRAS_REQUIRE = {

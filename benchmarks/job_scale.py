@@ -10,7 +10,6 @@ job_scale.json.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -18,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from benchmarks.report import write_results
 from benchmarks.run_all import PARTITIONS, RESULTS_DIR, start_spark
 
 log = logging.getLogger("benchmarks.job_scale")
@@ -127,10 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sizes": sizes,
         "scaling": {"row_ratio": row_ratio, "time_ratio": time_ratio, "time_over_rows": time_ratio / row_ratio},
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "job_scale.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     text = markdown(report)
-    (args.out_dir / "job_scale.md").write_text(text, encoding="utf-8")
+    write_results(args.out_dir, "job_scale", report, text)
     print(text)
     return 0
 

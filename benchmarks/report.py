@@ -271,12 +271,17 @@ def _machine_lines(machine: dict[str, Any]) -> list[str]:
 
 
 def write_reports(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    """Write latest.md (through a temporary file, so a reader never sees half a report) and
-    latest.json into ``out_dir``."""
+    """Write latest.md and latest.json into ``out_dir``."""
+    return write_results(out_dir, "latest", report, markdown(report) + "\n")
+
+
+def write_results(out_dir: Path, stem: str, report: dict[str, Any], text: str) -> tuple[Path, Path]:
+    """Write ``text`` as ``<stem>.md`` (through a temporary file, so a reader never sees half a
+    report) and ``report`` as ``<stem>.json`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    md_path, json_path = out_dir / "latest.md", out_dir / "latest.json"
-    staging = out_dir / "latest.md.tmp"
-    staging.write_text(markdown(report) + "\n", encoding="utf-8")
+    md_path, json_path = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
+    staging = out_dir / f"{stem}.md.tmp"
+    staging.write_text(text, encoding="utf-8")
     os.replace(staging, md_path)
     json_path.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     return md_path, json_path

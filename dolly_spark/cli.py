@@ -3,7 +3,7 @@
     dolly-spark summarize --config conf/summarize_tickets.yaml [--source-table ... ]
     dolly-spark finetune  --config conf/finetune.yaml [--base-model ... --train-data ...]
     dolly-spark evaluate  --config conf/evaluate_and_promote.yaml
-    dolly-spark demo      the summarize job on the embedded default, with a preview
+    dolly-spark demo      the summarize and triage jobs on the embedded default, with previews
     dolly-spark setup-spark  put Delta Lake into this environment's spark-defaults.conf, so that
                              `spark-submit jobs/...` works without --packages
 """
@@ -41,25 +41,28 @@ def summarize_main(argv: Sequence[str] | None = None) -> int:
     config = _start_job(SummarizeConfig, argv, "summarize_tickets",
                         "Summarize support tickets from a Delta table into another, incrementally.")
     report = run_summarize(get_spark("summarize_tickets"), config)
-    print(_report_line(report))
+    print(_report_line(report, "triaged" if config.choices or config.schema else "summarized"))
     return 0
 
 
-def _report_line(report) -> str:
-    return (f"{report.rows_written} tickets summarized with {report.model_name} v{report.model_version} "
+def _report_line(report, verb: str = "summarized") -> str:
+    return (f"{report.rows_written} tickets {verb} with {report.model_name} v{report.model_version} "
             f"({report.errors} errors, {report.generated_tokens} tokens, {report.tokens_per_second:.1f} tokens/s, "
             f"{report.wall_seconds:.1f}s)")
 
 
 def demo_main(argv: Sequence[str] | None = None) -> int:
-    """The main job on the embedded default: local Spark and Delta, the local registry, the demo model."""
-    from dolly_spark.demo import ensure_demo_model_registered, ensure_sample_tickets_table
+    """The main job on the embedded default: local Spark and Delta, the local registry, the demo
+    model. Summarizes the sample tickets, then triages them (a scored category and extracted
+    fields) into the demo's triage table."""
+    from dolly_spark.demo import (DEMO_TRIAGE_TABLE, ensure_demo_model_registered, ensure_sample_tickets_table,
+                                  triage_accuracy, triage_config)
     from dolly_spark.summarize import SummarizeConfig, preview, run_summarize
     from dolly_spark.sessions import get_spark
 
     started = time.perf_counter()
     config = _start_job(SummarizeConfig, [*DEMO_FLAGS, *(argv or [])],
-                        "dolly-spark demo", "Summarize the sample tickets with the demo model, all local.")
+                        "dolly-spark demo", "Summarize and triage the sample tickets with the demo model, all local.")
     spark = get_spark("dolly_spark-demo")
     ensure_sample_tickets_table(spark, config.source_table)
     name = config.model_uri.removeprefix("models:/").split("@")[0].split("/")[0]
@@ -67,6 +70,13 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
     report = run_summarize(spark, config)
     print("\n" + _report_line(report))
     print(f"\n{config.target_table} (first rows):\n{preview(spark, config)}")
+
+    triage = triage_config(config)
+    triaged = run_summarize(spark, triage)
+    print("\n" + _report_line(triaged, "triaged"))
+    print(f"\n{DEMO_TRIAGE_TABLE} (first rows: label (probability) | extracted fields):\n{preview(spark, triage)}")
+    matches, labelled = triage_accuracy(spark, triage)
+    print(f"\nlabels matching the sample tickets' hand-written ones: {matches} of {labelled}")
     print(f"\ndemo finished in {time.perf_counter() - started:.1f}s")
     return 0
 

@@ -36,6 +36,19 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
+def _parse_list(text: str) -> list[str]:
+    """A list on the command line: comma-separated items, spaces around them dropped."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _argument_type(kind: type):
+    if kind is bool:
+        return _parse_bool
+    if typing.get_origin(kind) is list:
+        return _parse_list
+    return kind
+
+
 def build_parser(config_cls: type, prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -45,7 +58,7 @@ def build_parser(config_cls: type, prog: str, description: str) -> argparse.Argu
         parser.add_argument(
             f"--{field.name.replace('_', '-')}",
             dest=field.name,
-            type=_parse_bool if kind is bool else kind,
+            type=_argument_type(kind),
             default=argparse.SUPPRESS,
             help=f"{field.metadata.get('help', '')} (default: {field.default})",
         )

@@ -13,8 +13,10 @@ from importlib import resources
 from pathlib import Path
 
 from filelock import FileLock
+from pyspark.sql.types import BooleanType, StringType, StructField, StructType
 
 from dolly_spark.settings import project_home
+from dolly_spark.structured import to_ddl
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +31,33 @@ DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEMO_REPETITION_CONTROL = {"repetition_penalty": 1.1, "no_repeat_ngram_size": 4}
 
 
+# The triage the demo runs beside the summaries (conf/triage_tickets.yaml holds the same): a
+# category scored over a fixed label set, and fields extracted under a JSON constraint.
+TRIAGE_INSTRUCTION = "Triage this customer support ticket."
+TRIAGE_LABELS = ["billing", "shipping", "technical", "account", "feature request", "question", "feedback"]
+TRIAGE_FIELDS = StructType([
+    StructField("urgency", StringType(), metadata={"comment": "low, medium or high"}),
+    StructField("order_id", StringType(), metadata={"comment": "the order or invoice number as written, or null"}),
+    StructField("product", StringType(), metadata={"comment": "the product name"}),
+    StructField("refund_requested", BooleanType(), metadata={"comment": "true if the customer asks for money back"}),
+])
+TRIAGE_SCHEMA = to_ddl(TRIAGE_FIELDS)
+DEMO_TRIAGE_TABLE = "ticket_triage"
+# Room for the JSON answer: the demo model's take 40 to 60 tokens.
+TRIAGE_MAX_NEW_TOKENS = 96
+
+
 def sample_tickets() -> list[dict]:
     """The sample support tickets this package ships (written for it)."""
     text = resources.files("dolly_spark").joinpath("data/sample_tickets.jsonl").read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def sample_labels() -> dict[str, str]:
+    """Each sample ticket's hand-written triage label (one of TRIAGE_LABELS), by ticket id: for
+    tests and the demo's accuracy line only, never shown to a model."""
+    text = resources.files("dolly_spark").joinpath("data/sample_ticket_labels.jsonl").read_text(encoding="utf-8")
+    return {row["ticket_id"]: row["label"] for row in map(json.loads, text.splitlines()) if row}
 
 
 def gguf_path() -> Path:
@@ -120,3 +145,25 @@ def ensure_sample_tickets_table(spark, table: str) -> bool:
     df.withColumn("created_at", df.created_at.cast("timestamp")).write.format("delta").saveAsTable(table)
     log.info("created %s with %d sample tickets", table, len(rows))
     return True
+
+
+def triage_config(summaries):
+    """The demo's triage run: the summarize job's ``summaries`` config (source, model, ...) with
+    the triage instruction, labels and schema, into DEMO_TRIAGE_TABLE."""
+    import dataclasses
+
+    return dataclasses.replace(summaries, target_table=DEMO_TRIAGE_TABLE, instruction=TRIAGE_INSTRUCTION,
+                               choices=list(TRIAGE_LABELS), schema=TRIAGE_SCHEMA,
+                               max_new_tokens=TRIAGE_MAX_NEW_TOKENS)
+
+
+def triage_accuracy(spark, config) -> tuple[int, int]:
+    """(tickets whose label equals its hand-written one, tickets with a hand-written label) in
+    ``config``'s target table."""
+    from pyspark.sql import functions as F
+
+    expected = spark.createDataFrame(sorted(sample_labels().items()), f"{config.id_col} STRING, expected STRING")
+    joined = spark.read.table(config.target_table).join(expected, config.id_col)
+    counts = joined.agg(F.sum((F.col("label") == F.col("expected")).cast("int")).alias("matches"),
+                        F.count(F.lit(1)).alias("labelled")).first()
+    return int(counts["matches"] or 0), int(counts["labelled"])

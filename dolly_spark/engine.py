@@ -6,6 +6,12 @@ planner sorts rows by token length and cuts micro-batches under a token budget, 
 backend (static or continuous batching) generates each micro-batch, and the parser turns each
 row's tokens into a response and a finish reason; results come back in input order.
 
+Structured answers (``GenerationSettings.choices`` and ``json_schema``) reuse that plan: with
+``choices`` each row's prompt is scored against every label (``inference.choices``: one prefill,
+no decoding loop); with ``json_schema`` the static backend generates under a grammar
+(``inference.constrained``) and the parser checks that the answer is complete JSON. With both,
+a row is scored and generated, each under its own instruction (see ``prompts``).
+
 Only a row's own problems become error results: bad or over-long input, and a GPU
 out-of-memory error on that row alone (a larger micro-batch that runs out of memory is split
 and retried). Anything else raises, so the caller (a Spark task) fails and is retried rather
@@ -15,15 +21,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
 from dolly_spark.devices import is_out_of_memory, select_device, select_dtype
+from dolly_spark.inference.choices import ChoiceScorer, choice_results
 from dolly_spark.inference.continuous_batching import ContinuousBatching
 from dolly_spark.inference.encoder import EncodedRow, PromptEncoder, context_window, prompt_limit, row_seed
 from dolly_spark.inference.parser import ResponseParser
-from dolly_spark.inference.planner import micro_batches, prefill_groups
+from dolly_spark.inference.planner import choice_batches, micro_batches, prefill_groups
 from dolly_spark.inference.results import (
     FINISH_EOS,
     FINISH_ERROR,
@@ -35,8 +43,21 @@ from dolly_spark.inference.results import (
     InstructionResult,
 )
 from dolly_spark.inference.static_batching import StaticBatching
-from dolly_spark.prompts import PromptFormat, dolly_key_ids, eos_token_ids, get_format, infer_format_name
+from dolly_spark.prompts import (
+    PromptFormat,
+    answer_end_id,
+    answer_ids,
+    choice_instruction,
+    dolly_key_ids,
+    eos_token_ids,
+    get_format,
+    infer_format_name,
+    schema_instruction,
+)
 from dolly_spark.ragged_attention import ragged_attention
+
+if TYPE_CHECKING:
+    from dolly_spark.inference.constrained import JsonGrammar
 
 __all__ = [
     "FINISH_EOS", "FINISH_ERROR", "FINISH_LENGTH", "FINISH_STOP", "STRATEGIES", "EngineStats",
@@ -66,8 +87,9 @@ class InstructionEngine:
             prompt_format = infer_format_name(tokenizer)
         self.format = get_format(prompt_format, tokenizer) if isinstance(prompt_format, str) else prompt_format
         self.device = next(model.parameters()).device
-        self.max_prompt_tokens, limit_reason = prompt_limit(settings, context_window(model, tokenizer))
-        if self.max_prompt_tokens < 1:
+        window = context_window(model, tokenizer)
+        self.max_prompt_tokens, limit_reason = prompt_limit(settings, window)
+        if self.max_prompt_tokens < 1 and settings.generates:
             raise ValueError(f"no room for a prompt: {limit_reason} leaves {self.max_prompt_tokens} tokens; "
                              "lower max_new_tokens")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -79,8 +101,35 @@ class InstructionEngine:
                                      settings.on_overlong, settings.seed)
         self.parser = ResponseParser.for_tokenizer(tokenizer, self.key_stop_ids, self.eos_ids,
                                                    self.format.stop_strings())
-        self.static = StaticBatching(model, settings, self.stop_ids, self.pad_id, self.stats)
+        # The one token a structured answer ends with (``### End``, the end of turn or EOS).
+        self.end_id = (answer_end_id(tokenizer, self.format, set(self.stop_ids), self.eos_ids)
+                       if settings.choices or settings.json_schema is not None else None)
+        self.static = StaticBatching(model, settings, self.stop_ids, self.pad_id, self.stats,
+                                     grammar=self._grammar(tokenizer))
         self.continuous = ContinuousBatching(model, settings, self.stop_ids, self.pad_id, self.stats)
+        self.scorer, self.choice_encoder = self._choice_parts(tokenizer, window)
+
+    def _grammar(self, tokenizer: Any) -> "JsonGrammar | None":
+        """``json_schema`` compiled once for this engine; None without one."""
+        if self.settings.json_schema is None:
+            return None
+        from dolly_spark.inference.constrained import JsonGrammar  # llguidance, only where it is used
+
+        return JsonGrammar(tokenizer, self.settings.json_schema, self.end_id)
+
+    def _choice_parts(self, tokenizer: Any, window: int) -> tuple[ChoiceScorer | None, PromptEncoder | None]:
+        """The scorer of ``choices`` and the encoder of their prompts, whose limit leaves room
+        for the longest choice (not ``max_new_tokens``); (None, None) without choices."""
+        settings = self.settings
+        if not settings.choices:
+            return None, None
+        choice_ids = [answer_ids(tokenizer, self.format, choice, self.end_id) for choice in settings.choices]
+        scorer = ChoiceScorer(self.model, choice_ids, self.pad_id, self.stats)
+        limit, reason = prompt_limit(settings, window, scorer.longest_choice)
+        if limit < 1:
+            raise ValueError(f"no room for a prompt: {reason} leaves {limit} tokens; "
+                             "raise token_budget or use shorter or fewer choices")
+        return scorer, PromptEncoder(tokenizer, self.format, limit, reason, settings.on_overlong, settings.seed)
 
     @classmethod
     def from_pretrained(
@@ -118,34 +167,69 @@ class InstructionEngine:
 
         With ``require_context`` a row whose context is null or blank gets an error result
         (the caller named an input column and the row has no input) instead of a prompt
-        without an ``Input:`` block.
+        without an ``Input:`` block. With ``choices`` each result carries a label and the
+        choices' probabilities; with ``json_schema`` its response is JSON text (see
+        ``InstructionResult``).
         """
         count = len(instructions)
         contexts = list(contexts) if contexts is not None else [None] * count
         if len(contexts) != count or (keys is not None and len(keys) != count):
             raise ValueError("instructions, contexts and keys must have the same length")
-        results: list[InstructionResult | None] = [None] * count
+        keys = list(keys) if keys is not None else [None] * count
+        started = time.perf_counter()
+        labels = self._classify(instructions, contexts, keys, require_context) if self.scorer else None
+        answers = self._answer(instructions, contexts, keys, require_context) if self.settings.generates else None
+        if labels is None or answers is None:
+            results = labels if answers is None else answers
+        else:
+            results = [_with_label(answer, label) for answer, label in zip(answers, labels)]
+        seconds = time.perf_counter() - started
+        self.stats.generate_seconds += seconds
+        self.stats.rows += count
+        generated = sum(r.completion_tokens for r in results)
+        failed = sum(r.finish_reason == FINISH_ERROR for r in results)
+        log.info("%d rows (%d answered with an error): %d tokens generated in %.1fs", count, failed, generated, seconds)
+        return results
+
+    def _answer(self, instructions: Sequence[Any], contexts: list[Any], keys: list[Any],
+                require_context: bool) -> list[InstructionResult]:
+        """Every row generated (under the schema's instruction with ``json_schema``)."""
+        schema = self.settings.json_schema
+        rewrite = (lambda text: schema_instruction(text, schema)) if schema is not None else None
+        results, encoded = self._encode(self.encoder, rewrite, instructions, contexts, keys, require_context)
+        for batch in self.micro_batches(encoded):
+            for row, result in zip(batch, self._run_or_split(batch, self._generate_batch)):
+                results[row.index] = result
+        return results  # type: ignore[return-value]
+
+    def _classify(self, instructions: Sequence[Any], contexts: list[Any], keys: list[Any],
+                  require_context: bool) -> list[InstructionResult]:
+        """Every row scored against ``choices`` under the choice instruction."""
+        choices = self.settings.choices
+        results, encoded = self._encode(self.choice_encoder, lambda text: choice_instruction(text, choices),
+                                        instructions, contexts, keys, require_context)
+        for batch in self.choice_batches(encoded):
+            for row, result in zip(batch, self._run_or_split(batch, self._score_batch)):
+                results[row.index] = result
+        return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _encode(encoder: PromptEncoder, rewrite: Callable[[str], str] | None, instructions: Sequence[Any],
+                contexts: list[Any], keys: list[Any], require_context: bool,
+                ) -> tuple[list[InstructionResult | None], list[EncodedRow]]:
+        """The error results of rows refused before the model runs, and the other rows encoded;
+        ``rewrite`` extends each real instruction (a null or blank one is refused as it is)."""
+        results: list[InstructionResult | None] = [None] * len(instructions)
         encoded: list[EncodedRow] = []
-        for index in range(count):
-            outcome = self.encoder.encode(index, instructions[index], contexts[index],
-                                          keys[index] if keys is not None else None, require_context)
+        for index, instruction in enumerate(instructions):
+            if rewrite is not None and isinstance(instruction, str) and instruction.strip():
+                instruction = rewrite(instruction)
+            outcome = encoder.encode(index, instruction, contexts[index], keys[index], require_context)
             if isinstance(outcome, InstructionResult):
                 results[index] = outcome
             else:
                 encoded.append(outcome)
-
-        started = time.perf_counter()
-        batches = self.micro_batches(encoded)
-        for batch in batches:
-            for row, result in zip(batch, self._generate_or_split(batch)):
-                results[row.index] = result
-        seconds = time.perf_counter() - started
-        self.stats.generate_seconds += seconds
-        self.stats.rows += count
-        generated = sum(r.completion_tokens for r in results if r is not None)
-        log.info("%d rows (%d generated, %d answered with an error before generation) in %d micro-batches: "
-                 "%d tokens in %.1fs", count, len(encoded), count - len(encoded), len(batches), generated, seconds)
-        return results  # type: ignore[return-value]
+        return results, encoded
 
     def micro_batches(self, rows: list[EncodedRow]) -> list[list[EncodedRow]]:
         """Rows sorted longest first and cut so rows × (longest prompt + max_new_tokens) stays
@@ -155,6 +239,14 @@ class InstructionEngine:
                              settings.max_batch_rows)
         return [[rows[i] for i in batch] for batch in plan]
 
+    def choice_batches(self, rows: list[EncodedRow]) -> list[list[EncodedRow]]:
+        """Rows sorted longest first and cut so rows × choices × (longest prompt + longest
+        choice) stays within the token budget: each row's cache is copied once per choice."""
+        settings = self.settings
+        plan = choice_batches([len(row.ids) for row in rows], settings.token_budget, len(settings.choices),
+                              self.scorer.longest_choice, settings.max_batch_rows)
+        return [[rows[i] for i in batch] for batch in plan]
+
     def prefill_groups(self, batch: list[EncodedRow]) -> list[list[EncodedRow]]:
         """A micro-batch (longest first) cut into runs whose rows are at least
         ``min_length_ratio`` as long as the run's first."""
@@ -162,11 +254,13 @@ class InstructionEngine:
         return [[batch[p] for p in group] for group in plan]
 
     # ----------------------------------------------------------------------------------------
-    def _generate_or_split(self, batch: list[EncodedRow]) -> list[InstructionResult]:
-        """Generate a micro-batch; on GPU out-of-memory split it in halves and retry, so only a
-        row that runs out of memory on its own gets an error. Any other exception propagates."""
+    def _run_or_split(self, batch: list[EncodedRow],
+                      work: Callable[[list[EncodedRow]], list[InstructionResult]]) -> list[InstructionResult]:
+        """``work`` (generating or scoring) on a micro-batch; on GPU out-of-memory split it in
+        halves and retry, so only a row that runs out of memory on its own gets an error. Any
+        other exception propagates."""
         try:
-            results = [self.parser.parse(row, tokens) for row, tokens in zip(batch, self._generate(batch))]
+            results = work(batch)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -187,15 +281,28 @@ class InstructionEngine:
                                       truncated=batch[0].truncated)]
         log.warning("micro-batch of %d rows ran out of memory (%s); splitting and retrying", len(batch), error)
         half = len(batch) // 2
-        return self._generate_or_split(batch[:half]) + self._generate_or_split(batch[half:])
+        return self._run_or_split(batch[:half], work) + self._run_or_split(batch[half:], work)
+
+    def _generate_batch(self, batch: list[EncodedRow]) -> list[InstructionResult]:
+        tokens = self._generate(batch)
+        if self.settings.json_schema is not None:
+            return [self.parser.parse_json(row, row_tokens, self.settings.max_new_tokens)
+                    for row, row_tokens in zip(batch, tokens)]
+        return [self.parser.parse(row, row_tokens) for row, row_tokens in zip(batch, tokens)]
+
+    def _score_batch(self, batch: list[EncodedRow]) -> list[InstructionResult]:
+        return choice_results(batch, self.scorer.log_probs(batch), self.settings.choices)
 
     def _generate(self, batch: list[EncodedRow]) -> list[list[int]]:
         # Continuous batching is greedy-only here: the row-seeded sampler and the per-row
         # repetition control need the static backend's padded layout.
-        if self._strategy == "continuous" and (self.settings.sampling or self.settings.controls_repetition):
-            log.warning("strategy 'continuous' runs greedy decoding without repetition control only; "
-                        "using static batching (temperature=%s, repetition_penalty=%s, no_repeat_ngram_size=%s)",
-                        self.settings.temperature, self.settings.repetition_penalty, self.settings.no_repeat_ngram_size)
+        if self._strategy == "continuous" and (self.settings.sampling or self.settings.controls_repetition
+                                               or self.static.grammar is not None):
+            log.warning("strategy 'continuous' runs greedy decoding without repetition control or a json_schema "
+                        "only; using static batching (temperature=%s, repetition_penalty=%s, "
+                        "no_repeat_ngram_size=%s, json_schema set: %s)", self.settings.temperature,
+                        self.settings.repetition_penalty, self.settings.no_repeat_ngram_size,
+                        self.static.grammar is not None)
             self._strategy = "static"
         if self._strategy == "continuous":
             try:
@@ -207,3 +314,14 @@ class InstructionEngine:
                 self._strategy = "static"
         # Looked up here, not bound at construction, so the attention policy stays the engine's.
         return self.static.generate(batch, ragged_attention)
+
+
+def _with_label(answer: InstructionResult, label: InstructionResult) -> InstructionResult:
+    """A row's generated answer with its scored label: the label's fields added, both prompts
+    counted, and either part's error kept (a row refused for its input says so once)."""
+    errors = [answer.error] if answer.error else []
+    if label.error and label.error != answer.error:
+        errors.append(f"choices: {label.error}")
+    return replace(answer, error="; ".join(errors) or None, prompt_tokens=answer.prompt_tokens + label.prompt_tokens,
+                   truncated=answer.truncated or label.truncated, label=label.label,
+                   label_probability=label.label_probability, choice_probabilities=label.choice_probabilities)

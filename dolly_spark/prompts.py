@@ -5,11 +5,17 @@ A format renders ``prompt(instruction, context)`` (what generation continues) an
 both as *segments*: template text, in which added special tokens such as ``### End`` are
 recognised, and user text (instruction, context, response), which is always tokenized as plain
 characters. That is what keeps a ticket that quotes ``### End`` from ending generation early.
+
+Structured answers change only the instruction, in every format: ``choice_instruction`` adds a
+line listing the labels a classification scores, ``schema_instruction`` a line naming the JSON
+fields a constrained answer must have, so the model sees what it is asked for. They are the only
+places those lines are written.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol, Sequence
 
 INTRO_BLURB = (
     "Below is an instruction that describes a task. "
@@ -145,6 +151,58 @@ class ChatFormat(_RenderMixin):
         return ()
 
 
+def choice_instruction(instruction: str, choices: Sequence[str]) -> str:
+    """The instruction a ``choices`` row is scored under: the caller's, then a line listing the
+    labels, e.g. "Classify the ticket.\nAnswer with exactly one of: billing, shipping, other."."""
+    return f"{instruction}\nAnswer with exactly one of: {', '.join(choices)}."
+
+
+def schema_instruction(instruction: str, json_schema: str | Mapping[str, Any]) -> str:
+    """The instruction a ``json_schema`` row is generated under: the caller's, then a line naming
+    the object's fields and their types, e.g. "Extract the order.\nAnswer with a JSON object
+    with these fields: order_id (string), refund_requested (boolean), amount (number), mood
+    (angry, calm or happy)."; a schema without properties is quoted whole instead."""
+    schema = json.loads(json_schema) if isinstance(json_schema, str) else dict(json_schema)
+    properties = schema.get("properties")
+    if not isinstance(properties, dict) or not properties:
+        return f"{instruction}\nAnswer with JSON that matches this schema: {json.dumps(schema, separators=(',', ':'))}"
+    fields = ", ".join(f"{name} ({_describe_type(spec)})" for name, spec in properties.items())
+    return f"{instruction}\nAnswer with a JSON object with these fields: {fields}."
+
+
+def _describe_type(spec: Any) -> str:
+    """A field in a few words: its enum values, or its type ("list of ..." for arrays, a string
+    format such as "date" by its name, "or null" when it may be null), then its description."""
+    if not isinstance(spec, dict):
+        return "any"
+    if isinstance(spec.get("enum"), list) and spec["enum"]:
+        values = [value if isinstance(value, str) else json.dumps(value) for value in spec["enum"]]
+        text = values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
+    elif "const" in spec:
+        text = json.dumps(spec["const"])
+    else:
+        kinds = spec.get("type")
+        kinds = [kinds] if isinstance(kinds, str) else list(kinds or [])
+        named = [kind for kind in kinds if kind != "null"]
+        if named == ["array"] and isinstance(spec.get("items"), dict):
+            items = spec["items"]  # a null item is not worth a word in the prompt
+            text = f"list of {_describe_type({**items, 'type': _non_null(items.get('type'))})}"
+        elif named == ["string"] and spec.get("format"):
+            text = spec["format"]
+        else:
+            text = " or ".join(named) or "any"
+        if "null" in kinds:
+            text += " or null"
+    return f"{text}: {spec['description']}" if spec.get("description") else text
+
+
+def _non_null(kinds: Any) -> Any:
+    if isinstance(kinds, list):
+        named = [kind for kind in kinds if kind != "null"]
+        return named[0] if len(named) == 1 else named
+    return kinds
+
+
 FORMAT_NAMES = ("dolly", "chat", "plain")
 
 
@@ -213,3 +271,28 @@ def stop_token_ids(model: Any, tokenizer: Any, format_name: str) -> list[int]:
     """Every token generation stops on: EOS, and for the Dolly format the Dolly keys."""
     keys = dolly_key_ids(tokenizer) if format_name == "dolly" else set()
     return sorted(eos_token_ids(model, tokenizer) | keys)
+
+
+def answer_end_id(tokenizer: Any, prompt_format: PromptFormat, stop_ids: set[int] | frozenset[int],
+                  eos_ids: set[int] | frozenset[int]) -> int:
+    """The one token that ends an answer in ``prompt_format``: the first stop token the format
+    writes after a response (``### End`` for Dolly, the chat template's end of turn when it is a
+    stop token), else the tokenizer's EOS when generation stops on it, else the lowest EOS id."""
+    for token in encode_segments(tokenizer, prompt_format.response_segments("x")):
+        if token in stop_ids:
+            return token
+    if tokenizer.eos_token_id in eos_ids:
+        return tokenizer.eos_token_id
+    if eos_ids:
+        return min(eos_ids)
+    raise ValueError("the model has no end-of-sequence token; choices and json_schema need one to end an answer")
+
+
+def answer_ids(tokenizer: Any, prompt_format: PromptFormat, text: str, end_id: int) -> list[int]:
+    """The tokens a model writes for the answer ``text`` in ``prompt_format``, through
+    ``end_id`` (see ``answer_end_id``): for Dolly ``text``, the blank line and ``### End``; for
+    chat ``text`` and the end of turn; for plain ``text`` and EOS."""
+    ids = encode_segments(tokenizer, prompt_format.response_segments(text))
+    if end_id in ids:
+        return ids[:ids.index(end_id) + 1]
+    return ids + [end_id]

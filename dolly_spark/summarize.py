@@ -32,8 +32,9 @@ from dolly_spark.progress import ChunkProgress
 from dolly_spark.registry import ModelSpec, resolve_model
 from dolly_spark.sessions import generation_parallelism
 from dolly_spark.tables import require_columns, require_table, table_exists
-from dolly_spark.inference.results import GenerationSettings
-from dolly_spark.udf import RESULT_SCHEMA, apply_instruction, with_registered_defaults
+from dolly_spark.inference.results import GenerationSettings, check_choices
+from dolly_spark.structured import as_struct, describe
+from dolly_spark.udf import apply_instruction, result_schema, with_registered_defaults
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,12 @@ class SummarizeConfig:
                              "from spark.executor/task.resource.gpu.amount; else one per executor core)")
     max_attempts: int = option(3, "runs that try a ticket whose result is an error before giving up on it "
                                "(until its text, the instruction, a setting or the model changes)")
+    choices: list[str] | None = option(None, "classify each ticket into exactly one of these labels, by scoring "
+                                       "(a YAML list, or comma-separated on the command line); the target gains "
+                                       "label, label_probability and label_probabilities")
+    schema: str | None = option(None, "extract into these typed fields (a Spark DDL schema such as 'order_id STRING, "
+                                "refund_requested BOOLEAN'): answers are JSON constrained to it, parsed into the "
+                                "target's struct column parsed")
     shared_model_dir: str = option("", "download the model once on the driver into this directory, which every node "
                                    "reads (a UC Volume, DBFS), for executors without registry access; "
                                    "empty: each node downloads it into its local cache")
@@ -99,7 +106,10 @@ class SummarizeReport:
         return self.generated_tokens / self.wall_seconds if self.wall_seconds else 0.0
 
 
-RESULT_COLUMNS = [field.name for field in RESULT_SCHEMA.fields]
+def result_columns(config: SummarizeConfig) -> list[str]:
+    """The result fields the target holds for ``config`` (the label's and ``parsed`` too when it
+    asks for structured answers)."""
+    return [field.name for field in result_schema(config.choices, config.schema).fields]
 
 
 def validate(spark: SparkSession, config: SummarizeConfig) -> tuple[DataFrame, ModelSpec]:
@@ -112,13 +122,15 @@ def validate(spark: SparkSession, config: SummarizeConfig) -> tuple[DataFrame, M
         raise ValueError(f"id column {config.id_col!r} is not a column of {where}; its columns are {source.columns}")
     if config.max_attempts < 1:
         raise ValueError(f"max_attempts must be at least 1, not {config.max_attempts}")
+    check_choices(tuple(config.choices or ()))
+    result_schema(config.choices, config.schema)  # a schema without a JSON form fails here, named
     spec = resolve_model(config.model_uri, config.prompt_format)
     if table_exists(spark, config.target_table):
-        missing = {config.id_col, *RESULT_COLUMNS} - set(spark.read.table(config.target_table).columns)
+        missing = {config.id_col, *result_columns(config)} - set(spark.read.table(config.target_table).columns)
         if missing:
             raise ValueError(
                 f"target table {config.target_table!r} exists but lacks columns {sorted(missing)}; "
-                "point --target-table at a new table or at one this job wrote"
+                "point --target-table at a new table, or at one this job wrote with the same choices and schema"
             )
     return source, spec
 
@@ -130,12 +142,18 @@ def job_request(config: SummarizeConfig, spec: ModelSpec) -> dict:
         GenerationSettings(repetition_penalty=config.repetition_penalty or 1.0,
                            no_repeat_ngram_size=config.no_repeat_ngram_size or 0),
         spec, config.repetition_penalty is None, config.no_repeat_ngram_size is None)
-    return {
+    request = {
         "model_name": spec.name, "model_version": spec.version, "prompt_format": spec.prompt_format or "auto",
         "instruction": config.instruction, "max_new_tokens": config.max_new_tokens,
         "max_input_tokens": config.max_input_tokens, "repetition_penalty": float(settings.repetition_penalty),
         "no_repeat_ngram_size": float(settings.no_repeat_ngram_size), "decoding": "greedy",
     }
+    # Only when asked for, so the fingerprints of free-text results stay what they were.
+    if config.choices:
+        request["choices"] = list(config.choices)
+    if config.schema:
+        request["schema"] = describe(as_struct(config.schema))
+    return request
 
 
 def pending_tickets(spark: SparkSession, source: DataFrame, config: SummarizeConfig, fingerprint: str) -> DataFrame:
@@ -235,6 +253,7 @@ def _summarize_chunk(spark: SparkSession, tickets: DataFrame, chunk: staging.Chu
         max_input_tokens=config.max_input_tokens, repetition_penalty=config.repetition_penalty,
         no_repeat_ngram_size=config.no_repeat_ngram_size,
         arrow_batch_size=config.arrow_batch_size, shared_model_dir=config.shared_model_dir or None,
+        choices=config.choices, schema=config.schema,
     )
     flat = results.select(config.id_col, "_result.*", F.current_timestamp().alias("processed_at"),
                           F.lit(fingerprint).alias("request_fingerprint"), "input_hash",
@@ -258,14 +277,28 @@ def _summarize_chunk(spark: SparkSession, tickets: DataFrame, chunk: staging.Chu
 
 
 def preview(spark: SparkSession, config: SummarizeConfig, rows: int = 10) -> str:
-    """A readable sample of the target table: ticket, subject or text, summary."""
+    """A readable sample of the target table: ticket, subject or text, then the summary, or for
+    structured answers the label with its probability and the extracted fields."""
     target = spark.read.table(config.target_table)
     source = spark.read.table(config.source_table)
-    label = "subject" if "subject" in source.columns else config.text_col
-    joined = target.join(source.select(config.id_col, label), config.id_col, "left").orderBy(config.id_col)
+    title = "subject" if "subject" in source.columns else config.text_col
+    joined = target.join(source.select(config.id_col, title), config.id_col, "left").orderBy(config.id_col)
     lines = []
     for row in joined.limit(rows).collect():
-        answer = row["response"] if row["error"] is None else f"[error: {row['error']}]"
-        lines.append(f"{row[config.id_col]}  {str(row[label])[:70]}\n    -> {answer}  ({row['finish_reason']}, "
-                     f"{row['completion_tokens']} tokens, {row['model_name']} v{row['model_version']})")
+        lines.append(f"{row[config.id_col]}  {str(row[title])[:70]}\n    -> {_answer_text(row, config)}  "
+                     f"({row['finish_reason']}, {row['completion_tokens']} tokens, "
+                     f"{row['model_name']} v{row['model_version']})")
     return "\n".join(lines)
+
+
+def _answer_text(row, config: SummarizeConfig) -> str:
+    if not (config.choices or config.schema):
+        return row["response"] if row["error"] is None else f"[error: {row['error']}]"
+    parts = []
+    if config.choices and row["label"] is not None:
+        parts.append(f"{row['label']} ({row['label_probability']:.2f})")
+    if config.schema and row["parsed"] is not None:
+        parts.append(", ".join(f"{name}={value}" for name, value in row["parsed"].asDict().items()))
+    if row["error"] is not None:
+        parts.append(f"[error: {row['error']}]")
+    return " | ".join(parts)

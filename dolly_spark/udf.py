@@ -6,9 +6,9 @@ workers in Arrow batches, and hands them to the engine, which does the batching 
 from __future__ import annotations
 
 import dataclasses
-
+import json
 import logging
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import pandas as pd
 from pyspark.sql import Column, DataFrame
@@ -19,6 +19,7 @@ from pyspark.sql.types import BooleanType, IntegerType, StringType, StructField,
 from dolly_spark.models import stage_for_executors
 from dolly_spark.registry import ModelSpec, resolve_model
 from dolly_spark.sessions import ARROW_BATCH_CONF
+from dolly_spark.structured import as_struct, json_schema, result_fields, structured_columns, udf_fields
 from dolly_spark.tables import require_columns
 
 log = logging.getLogger(__name__)
@@ -63,10 +64,26 @@ def apply_instruction(
     arrow_batch_size: int | None = None,
     dtype: str | None = None,
     shared_model_dir: str | None = None,
+    choices: Sequence[str] | None = None,
+    schema: str | StructType | None = None,
 ) -> DataFrame:
     """``df`` with one more column, ``output_col``: a struct per row with ``response``,
     ``finish_reason`` (stop | eos | length | error), ``error``, ``prompt_tokens``,
     ``completion_tokens``, ``truncated``, ``model_name`` and ``model_version``.
+
+    Structured answers:
+    ``choices`` (labels such as ``["billing", "shipping", "other"]``) classify each row into
+    exactly one of them by scoring, not generation: each label's tokens are scored after the
+    row's prompt (the instruction gains a line listing the labels) and the struct gains
+    ``label``, ``label_probability`` and ``label_probabilities`` (a map from every choice to its
+    probability; they sum to 1). With ``choices`` alone nothing is generated and ``response`` is
+    the label. ``schema`` (a DDL string such as ``"order_id STRING, refund_requested BOOLEAN"``, or
+    a StructType; a field's COMMENT tells the model what to put there) constrains generation to
+    JSON with those fields (all present, nullable ones may be null) and the struct gains
+    ``parsed``, that JSON typed as the schema says: ``F.col("response.parsed.order_id")``. A row
+    whose JSON is not complete (cut off by ``max_new_tokens``) keeps its raw text in
+    ``response``, gets a null ``parsed`` and an ``error`` that says why. Both may be given: each
+    row is then scored and generated.
 
     ``instruction`` is one string for every row or a string Column (one instruction per row);
     ``input_col`` holds each row's context (the ``Input:`` of the Dolly prompt); a row whose input
@@ -110,6 +127,7 @@ def apply_instruction(
         raise ValueError(f"key column {key_col!r} is not a column of the DataFrame; its columns are {df.columns}")
     if output_col in df.columns:
         raise ValueError(f"output column {output_col!r} already exists; pass another output_col")
+    struct = as_struct(schema) if schema is not None else None
     settings = GenerationSettings(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
         token_budget=token_budget, max_input_tokens=max_input_tokens, max_batch_rows=max_batch_rows,
@@ -117,6 +135,7 @@ def apply_instruction(
         on_overlong=on_overlong, strategy=strategy,
         repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size or 0,
+        choices=tuple(choices or ()), json_schema=json.dumps(json_schema(struct)) if struct is not None else None,
     )
     spec = resolve_model(model_uri, prompt_format)
     settings = with_registered_defaults(settings, spec, repetition_penalty is None, no_repeat_ngram_size is None)
@@ -135,7 +154,19 @@ def apply_instruction(
     generate = instruction_udf(spec, settings, require_input=bool(input_col) and require_input, dtype=dtype)
     context = F.col(input_col) if input_col else F.lit(None).cast("string")
     key = F.col(key_col).cast("string") if key_col else F.lit(None).cast("string")
-    return df.withColumn(output_col, generate(instruction_column, context, key))
+    answered = df.withColumn(output_col, generate(instruction_column, context, key))
+    if not settings.choices and struct is None:
+        return answered
+    # The UDF's fields, then the structured ones made from them; Spark evaluates the UDF once.
+    raw = F.col(output_col)
+    fields = [raw[field.name].alias(field.name) for field in RESULT_SCHEMA.fields]
+    return answered.withColumn(output_col, F.struct(*fields, *structured_columns(raw, settings.choices, struct)))
+
+
+def result_schema(choices: Sequence[str] | None = None, schema: str | StructType | None = None) -> StructType:
+    """The struct ``apply_instruction`` gives each row for these ``choices`` and ``schema``."""
+    struct = as_struct(schema) if schema is not None else None
+    return StructType(RESULT_SCHEMA.fields + result_fields(choices or (), struct))
 
 
 def with_registered_defaults(settings, spec: ModelSpec, penalty_unset: bool, ngram_unset: bool):
@@ -172,8 +203,9 @@ def task_gpu_index() -> int | None:
     return int(gpus.addresses[0])
 
 
-def results_frame(results, spec: ModelSpec) -> pd.DataFrame:
-    """The engine's results as a pandas frame shaped like RESULT_SCHEMA."""
+def results_frame(results, spec: ModelSpec, labels: bool = False) -> pd.DataFrame:
+    """The engine's results as a pandas frame shaped like RESULT_SCHEMA, with ``labels`` the
+    fields of ``structured.udf_fields`` after it."""
     frame = pd.DataFrame(
         {
             "response": [r.response for r in results],
@@ -186,6 +218,10 @@ def results_frame(results, spec: ModelSpec) -> pd.DataFrame:
     )
     frame["model_name"] = spec.name
     frame["model_version"] = spec.version
+    if labels:
+        frame["label"] = [r.label for r in results]
+        frame["label_probability"] = [r.label_probability for r in results]
+        frame["choice_probabilities"] = [r.choice_probabilities for r in results]
     return frame
 
 
@@ -194,7 +230,7 @@ def instruction_udf(spec: ModelSpec, settings, require_input: bool = False, dtyp
     With ``require_input`` a row with a null or blank input gets an error result. Each executor
     keeps the model files in its own node's cache (see ``settings.model_cache_dir``)."""
 
-    @pandas_udf(RESULT_SCHEMA)
+    @pandas_udf(StructType(RESULT_SCHEMA.fields + udf_fields(settings.choices)))
     def generate(batches: Iterator[tuple[pd.Series, pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
         from dolly_spark.models import forget_model, load_engine
 
@@ -210,6 +246,6 @@ def instruction_udf(spec: ModelSpec, settings, require_input: bool = False, dtyp
                 # keeps the process must not hand the retry a model that may be what broke.
                 forget_model(spec, gpu_index, dtype)
                 raise
-            yield results_frame(results, spec)
+            yield results_frame(results, spec, labels=bool(settings.choices))
 
     return generate

@@ -7,6 +7,18 @@
 # MAGIC model version. With `output_table` set, the results are also saved there (overwritten). For large
 # MAGIC tables and incremental runs use the summarize job instead. Run it on a GPU cluster (ML GPU runtime).
 # MAGIC
+# MAGIC **Classification.** Set `choices` to a comma-separated label set, e.g.
+# MAGIC `billing, shipping, technical, account, feature request, question, feedback`, and the instruction to
+# MAGIC `Triage this customer support ticket.`: each row gets exactly one of the labels, scored rather than
+# MAGIC generated, in `result.label`, with `result.label_probability` and every label's probability in
+# MAGIC `result.label_probabilities`.
+# MAGIC
+# MAGIC **Extraction.** Set `schema` to a Spark schema, e.g.
+# MAGIC `order_id STRING COMMENT 'the order number as written', product STRING, refund_requested BOOLEAN`:
+# MAGIC answers are JSON constrained to it and parsed into the typed struct `result.parsed`, so
+# MAGIC `result.parsed.order_id` is a column like any other. Raise `max_new_tokens` to leave room for the JSON.
+# MAGIC Both may be set at once.
+# MAGIC
 # MAGIC The next cell installs the package from the bundle's synced source (the folder above this notebook
 # MAGIC holds `setup.py`); with the wheel already attached to the cluster, skip it.
 
@@ -29,10 +41,13 @@ dbutils.widgets.text("model_uri", "models:/support_dolly@champion", "Model URI (
 dbutils.widgets.text("max_new_tokens", "128", "Longest response (tokens)")
 dbutils.widgets.text("max_rows", "20", "Rows to process")
 dbutils.widgets.text("output_table", "", "Save results to this table (empty: only display)")
+dbutils.widgets.text("choices", "", "Classify into these labels, comma-separated (empty: free text)")
+dbutils.widgets.text("schema", "", "Extract these fields, a Spark schema such as 'order_id STRING' (empty: none)")
 
 # COMMAND ----------
 
 output_table = dbutils.widgets.get("output_table").strip()
+labels = [label.strip() for label in dbutils.widgets.get("choices").split(",") if label.strip()]
 configure_mlflow()
 results = apply_instruction(
     spark.read.table(dbutils.widgets.get("source_table")).limit(int(dbutils.widgets.get("max_rows"))),
@@ -41,6 +56,8 @@ results = apply_instruction(
     input_col=dbutils.widgets.get("input_col"),
     output_col="result",
     max_new_tokens=int(dbutils.widgets.get("max_new_tokens")),
+    choices=labels or None,
+    schema=dbutils.widgets.get("schema").strip() or None,
 )
 if output_table:
     # Display what was saved rather than the plan: displaying the plan would generate again.

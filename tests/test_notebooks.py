@@ -393,6 +393,25 @@ def test_apply_instruction_displays_a_result_struct_per_row(
         assert run.result is shown  # the plan itself: nothing was saved
 
 
+@pytest.mark.slow
+def test_apply_instruction_classifies_and_extracts(spark, workspace_mlflow, registered_tiny, parameters):
+    labels = ["billing", "shipping", "technical"]
+    params = {**parameters["apply_instruction.py"], "instruction": "Triage this customer support ticket.",
+              "choices": ", ".join(labels), "schema": "refund_requested BOOLEAN, urgency STRING",
+              "max_new_tokens": "48"}
+    run = run_notebook("apply_instruction.py", spark, params)
+    arguments = run.entry_point.calls[0]["arguments"]
+    assert arguments["choices"] == labels and arguments["schema"] == params["schema"]
+    rows = _rows_by_id(run.display.shown[0])
+    assert len(rows) == 3
+    for row in rows.values():
+        result = row["result"]
+        assert result["label"] in labels and abs(sum(result["label_probabilities"].values()) - 1) < 1e-6
+        parsed = result["parsed"]
+        assert (parsed is not None and set(parsed) == {"refund_requested", "urgency"}) or \
+            "not complete JSON" in result["error"]
+
+
 @pytest.fixture(scope="module")
 def finetuned(spark, workspace_mlflow, tiny_model, parameters):
     """The fine-tune notebook's run on a model whose champion is the untrained tiny model."""

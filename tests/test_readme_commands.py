@@ -40,8 +40,21 @@ def test_readme_job_commands_run_verbatim_on_the_embedded_default(spark, home):
     assert "using the Spark master local[*] from spark-submit" in output
     rows = read_delta(spark, home, "ticket_summaries").select("ticket_id").collect()
     assert len(rows) == len({row["ticket_id"] for row in rows}) == 40
-    # The staging tables of a finished run are gone.
-    assert not list((home / "warehouse").glob("ticket_summaries__*"))
+    # The staging tables of a finished run are gone (its released claim's table stays).
+    assert [path.name for path in (home / "warehouse").glob("ticket_summaries__*")] == ["ticket_summaries__claim"]
+
+    # The same job with structured answers: a scored label and typed fields per ticket.
+    triage = "spark-submit jobs/summarize_tickets.py --config conf/triage_tickets.yaml"
+    assert triage in readme
+    output = succeeded(run_command(triage, home))
+    assert "40 tickets triaged with support_dolly v1" in output
+    triaged = read_delta(spark, home, "ticket_triage")
+    assert triaged.count() == 40
+    assert [f.name for f in triaged.schema["parsed"].dataType.fields] == ["urgency", "order_id", "product",
+                                                                         "refund_requested"]
+    labels = {row["label"] for row in triaged.select("label").collect()}
+    assert labels and labels <= {"billing", "shipping", "technical", "account", "feature request", "question",
+                                 "feedback"}
 
     finetune = "spark-submit jobs/finetune.py --config conf/finetune.yaml"
     assert finetune in readme
@@ -78,8 +91,15 @@ def test_make_demo_from_a_clean_project_home(spark, tmp_path):
     assert "40 tickets summarized with support_dolly v1" in output
     assert "ticket_summaries (first rows):" in output
     assert read_delta(spark, home, "ticket_summaries").count() == 40
+    # The triage beside the summaries: labels with their probability, extracted fields, accuracy.
+    assert "40 tickets triaged with support_dolly v1" in output
+    assert re.search(r"T-1001  Charged twice for January invoice\n    -> \w[\w ]* \(\d\.\d\d\)", output), output[-3000:]
+    assert re.search(r"labels matching the sample tickets' hand-written ones: \d+ of 40", output)
+    triaged = read_delta(spark, home, "ticket_triage")
+    assert triaged.count() == 40 and triaged.where("parsed IS NOT NULL").count() > 0
     # Run again: every ticket already has a result for that version.
-    assert "0 tickets summarized with support_dolly v1" in succeeded(run_command("make demo", home, timeout=1200))
+    again = succeeded(run_command("make demo", home, timeout=1200))
+    assert "0 tickets summarized with support_dolly v1" in again and "0 tickets triaged with support_dolly v1" in again
 
 
 @pytest.mark.slow

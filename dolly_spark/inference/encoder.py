@@ -46,15 +46,24 @@ def context_window(model: Any, tokenizer: Any) -> int:
     raise ValueError("cannot tell the model's context window; set max_position_embeddings in its config")
 
 
-def prompt_limit(settings: GenerationSettings, window: int) -> tuple[int, str]:
+def prompt_limit(settings: GenerationSettings, window: int, choice_tokens: int | None = None) -> tuple[int, str]:
     """The most prompt tokens a row may have, and which limit that is, in words: the least of
     ``max_input_tokens``, the context window and the token budget, the last two less
-    ``max_new_tokens`` (a row's answer needs room in both)."""
-    new = settings.max_new_tokens
+    ``max_new_tokens`` (a row's answer needs room in both).
+
+    With ``choice_tokens`` (the longest choice a row is scored on) the answer is that many
+    tokens instead, and the token budget is shared by one copy of the row per choice."""
+    if choice_tokens is None:
+        new, answer = settings.max_new_tokens, f"max_new_tokens={settings.max_new_tokens}"
+        budget, budget_text = settings.token_budget, f"token_budget={settings.token_budget}"
+    else:
+        new, answer = choice_tokens, f"the longest choice's {choice_tokens} tokens"
+        count = len(settings.choices)
+        budget, budget_text = settings.token_budget // count, f"token_budget={settings.token_budget} / {count} choices"
     limits = {
         f"max_input_tokens={settings.max_input_tokens}": settings.max_input_tokens,
-        f"the model's context window of {window} minus max_new_tokens={new}": window - new,
-        f"token_budget={settings.token_budget} minus max_new_tokens={new}": settings.token_budget - new,
+        f"the model's context window of {window} minus {answer}": window - new,
+        f"{budget_text} minus {answer}": budget - new,
     }
     reason = min(limits, key=limits.__getitem__)
     return limits[reason], reason

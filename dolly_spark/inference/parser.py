@@ -1,6 +1,7 @@
 """Generated tokens to a response and a finish reason."""
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Collection, Sequence
 
 from dolly_spark.inference.encoder import EncodedRow
@@ -24,8 +25,12 @@ class ResponseParser:
     model spelled out as plain text also ends it."""
 
     def __init__(self, decode: Callable[[list[int]], str], key_stop_ids: Collection[int],
-                 eos_ids: Collection[int], stop_strings: Sequence[str]):
+                 eos_ids: Collection[int], stop_strings: Sequence[str],
+                 decode_exact: Callable[[list[int]], str] | None = None):
+        """``decode_exact`` turns a JSON answer's tokens into its text character for character
+        (``decode`` by default)."""
         self.decode = decode
+        self.decode_exact = decode_exact or decode
         self.key_stop_ids = key_stop_ids
         self.eos_ids = eos_ids
         self.stop_strings = stop_strings
@@ -33,7 +38,24 @@ class ResponseParser:
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, key_stop_ids: Collection[int], eos_ids: Collection[int],
                       stop_strings: Sequence[str]) -> "ResponseParser":
-        return cls(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), key_stop_ids, eos_ids, stop_strings)
+        return cls(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), key_stop_ids, eos_ids, stop_strings,
+                   lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+    def parse_json(self, row: EncodedRow, tokens: Sequence[int], max_new_tokens: int) -> InstructionResult:
+        """A schema-constrained answer: its JSON text as ``response`` when it parses; otherwise
+        the raw text (None when empty) with an error saying why, e.g. that ``max_new_tokens``
+        cut it off. Stop strings are not looked for: the grammar ended the answer, and a JSON
+        string may quote "### End"."""
+        kept, finish, completion_tokens = cut_at_stop(tokens, self.key_stop_ids, self.eos_ids)
+        text = self.decode_exact(kept).strip()
+        error = None
+        try:
+            json.loads(text)
+        except ValueError:
+            why = (f"cut off by max_new_tokens={max_new_tokens}; raise max_new_tokens" if finish == FINISH_LENGTH
+                   else f"the model ended it ('{finish}') before it was complete")
+            error = f"answer is not complete JSON: {why}"
+        return InstructionResult(text or None, finish, error, len(row.ids), completion_tokens, row.truncated)
 
     def parse(self, row: EncodedRow, tokens: Sequence[int]) -> InstructionResult:
         kept, finish, completion_tokens = cut_at_stop(tokens, self.key_stop_ids, self.eos_ids)

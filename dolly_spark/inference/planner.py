@@ -31,6 +31,14 @@ def micro_batches(lengths: Sequence[int], token_budget: int, max_new_tokens: int
     return batches
 
 
+def choice_batches(lengths: Sequence[int], token_budget: int, choice_count: int, choice_tokens: int,
+                   max_rows: int) -> list[list[int]]:
+    """Like ``micro_batches``, for scoring ``choice_count`` choices of up to ``choice_tokens``
+    tokens after each prompt: every row's cache is copied once per choice, so rows × choices ×
+    (longest prompt + ``choice_tokens``) stays within ``token_budget``."""
+    return micro_batches(lengths, token_budget // choice_count, choice_tokens, max_rows)
+
+
 def prefill_groups(lengths: Sequence[int], min_length_ratio: float) -> list[list[int]]:
     """Positions into ``lengths`` (sorted longest first) cut into runs whose rows are at least
     ``min_length_ratio`` as long as the run's first; 0 keeps everything in one run."""

@@ -40,9 +40,14 @@ class RepetitionControl(LogitsProcessor):
             banned = [(row, token) for row in range(len(self.answers)) for token in self._banned(row)]
             if banned:
                 rows, tokens = zip(*banned)
+                allowed = scores
                 scores = scores.index_put((torch.tensor(rows, device=scores.device),
                                            torch.tensor(tokens, device=scores.device)),
                                           torch.tensor(float("-inf"), device=scores.device, dtype=scores.dtype))
+                # Under a grammar a row may have only banned tokens left; it then keeps them,
+                # as a row must write something.
+                stuck = torch.isinf(scores).all(dim=-1, keepdim=True)
+                scores = torch.where(stuck, allowed, scores)
         return scores
 
     def _record(self, new: torch.LongTensor) -> None:

@@ -2,7 +2,9 @@
 what the engine counts (EngineStats)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 FINISH_STOP, FINISH_EOS, FINISH_LENGTH, FINISH_ERROR = "stop", "eos", "length", "error"
 STRATEGIES = ("static", "continuous")
@@ -27,6 +29,16 @@ class GenerationSettings:
     of the same names, they never count the prompt, so an answer may quote its input.
     ``reuse_prefix``: the prompt tokens every row of a micro-batch shares (the template and a
     literal instruction, before each row's input) are prefilled once, not once per row.
+
+    Structured answers (see ``dolly_spark.prompts.choice_instruction`` and
+    ``schema_instruction`` for what the model is told):
+    ``choices`` (at least two distinct, non-blank labels; a list is kept as a tuple) makes each
+    row's answer exactly one of them, chosen by scoring, not generation: every label's tokens and
+    the answer's end are scored after the row's prompt, and the row gets the likeliest label, its
+    probability and every label's probability (a softmax over the labels, in this order).
+    ``json_schema`` (a JSON Schema as JSON text; a dict is serialised) constrains generation so
+    the answer is compact JSON the schema allows, ended by the model's stop token. With both,
+    each row gets a label and a JSON answer.
     """
 
     max_new_tokens: int = 256
@@ -43,8 +55,20 @@ class GenerationSettings:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     reuse_prefix: bool = True
+    choices: tuple[str, ...] = ()
+    json_schema: str | None = None
 
     def __post_init__(self):
+        # Normalised here, so equal settings hash alike (they key the engine cache).
+        if not isinstance(self.choices, tuple):
+            if isinstance(self.choices, str):
+                raise ValueError(f"choices must be a list of labels, not the string {self.choices!r}")
+            object.__setattr__(self, "choices", tuple(self.choices))
+        if self.json_schema is not None and not isinstance(self.json_schema, str):
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema))
+        check_choices(self.choices)
+        if self.json_schema is not None:
+            check_json_schema(self.json_schema)
         if self.on_overlong not in ("truncate", "error"):
             raise ValueError(f"on_overlong must be 'truncate' or 'error', not {self.on_overlong!r}")
         if self.strategy not in STRATEGIES:
@@ -77,10 +101,48 @@ class GenerationSettings:
     def controls_repetition(self) -> bool:
         return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
 
+    @property
+    def generates(self) -> bool:
+        """Whether rows are generated: always, except with ``choices`` alone (scored only)."""
+        return self.json_schema is not None or not self.choices
+
+
+def check_choices(choices: tuple[Any, ...]) -> None:
+    """Raises ValueError unless ``choices`` is empty (no classification) or at least two
+    distinct, non-blank strings."""
+    if not choices:
+        return
+    if not all(isinstance(choice, str) for choice in choices):
+        raise ValueError(f"choices must be strings; got {choices!r}")
+    if len(choices) < 2:
+        raise ValueError(f"choices needs at least two labels to choose between; got {list(choices)!r}")
+    if any(not choice.strip() for choice in choices):
+        raise ValueError(f"choices must not be empty or blank; got {list(choices)!r}")
+    stripped = [choice.strip() for choice in choices]
+    repeated = sorted({choice for choice in stripped if stripped.count(choice) > 1})
+    if repeated:
+        raise ValueError(f"choices must be distinct; {repeated!r} given more than once in {list(choices)!r}")
+
+
+def check_json_schema(json_schema: str) -> None:
+    """Raises ValueError unless ``json_schema`` is JSON text of a JSON object (a schema)."""
+    try:
+        schema = json.loads(json_schema)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"json_schema is not valid JSON ({exc}); pass the schema as JSON text") from None
+    if not isinstance(schema, dict):
+        raise ValueError(f"json_schema must be a JSON object (a JSON Schema), not {type(schema).__name__}")
+
 
 @dataclass
 class InstructionResult:
-    """What one row gets: the answer, or the reason there is none."""
+    """What one row gets: the answer, or the reason there is none.
+
+    With ``choices``: ``label`` (one of the choices), ``label_probability`` and
+    ``choice_probabilities`` (every choice's, in the order of ``settings.choices``, summing to
+    1); with choices alone ``response`` is the label too. With ``json_schema``: ``response`` is
+    the JSON text when it parses; otherwise the raw text, with ``error`` saying why.
+    """
 
     response: str | None
     finish_reason: str
@@ -88,6 +150,9 @@ class InstructionResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     truncated: bool = False
+    label: str | None = None
+    label_probability: float | None = None
+    choice_probabilities: list[float] | None = None
 
 
 @dataclass
@@ -105,6 +170,8 @@ class EngineStats:
     # Prompt tokens whose keys and values were copied from a micro-batch's shared prefix,
     # computed once, instead of being prefilled again for each row.
     reused_prefix_tokens: int = 0
+    # (rows, longest prompt) of each micro-batch whose choices were scored together.
+    choice_batches: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def padding_waste(self) -> float:

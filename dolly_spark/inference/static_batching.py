@@ -14,7 +14,7 @@ one-row prompt and greedy answers are those of each row alone.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, ContextManager
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StaticCache
@@ -26,6 +26,9 @@ from dolly_spark.inference.planner import prefill_groups, shared_prefix_length
 from dolly_spark.inference.repetition import RepetitionControl
 from dolly_spark.inference.results import GenerationSettings
 from dolly_spark.ragged_attention import CacheLayout, has_sliding_window
+
+if TYPE_CHECKING:  # llguidance is imported only by engines that constrain answers
+    from dolly_spark.inference.constrained import JsonGrammar
 
 AttentionSwitch = Callable[[Any, CacheLayout], ContextManager[bool]]
 
@@ -65,8 +68,10 @@ def cache_argument(model: Any) -> str:
 
 
 class StaticBatching(Backend):
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, grammar: JsonGrammar | None = None, **kwargs: Any):
+        """``grammar``: every answer is constrained to it (see ``constrained.JsonGrammar``)."""
         super().__init__(*args, **kwargs)
+        self.grammar = grammar
         self.cache_kwarg = cache_argument(self.model)
         # A sliding-window layer keeps only its last window of keys: a cache built here from
         # whole prompts would not fit it, so such models leave the whole prefill to generate.
@@ -82,6 +87,8 @@ class StaticBatching(Backend):
         groups = [[batch[p] for p in group] for group in prefill_groups([len(row.ids) for row in batch], ratio)]
         input_ids, mask = (tensor.to(self.device) for tensor in self._laid_out(groups, longest, prefix))
         processors = LogitsProcessorList()
+        if self.grammar is not None:  # first: repetition control never bans the grammar's only token
+            processors.append(self.grammar.constraint(len(batch), longest))
         if self.settings.controls_repetition:  # before sampling: it shapes what is sampled from
             processors.append(RepetitionControl(len(batch), longest, self.settings.repetition_penalty,
                                                 self.settings.no_repeat_ngram_size))
