@@ -152,9 +152,11 @@ def triage_config(summaries):
     the triage instruction, labels and schema, into DEMO_TRIAGE_TABLE."""
     import dataclasses
 
+    # One attempt: greedy answers repeat, so a ticket whose JSON was cut off would be cut off
+    # again, and a rerun of the demo generates nothing.
     return dataclasses.replace(summaries, target_table=DEMO_TRIAGE_TABLE, instruction=TRIAGE_INSTRUCTION,
                                choices=list(TRIAGE_LABELS), schema=TRIAGE_SCHEMA,
-                               max_new_tokens=TRIAGE_MAX_NEW_TOKENS)
+                               max_new_tokens=TRIAGE_MAX_NEW_TOKENS, max_attempts=1)
 
 
 def triage_accuracy(spark, config) -> tuple[int, int]:

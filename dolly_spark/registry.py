@@ -131,6 +131,13 @@ def _resolve_logged_model(client: MlflowClient, model_id: str, prompt_format: st
 GENERATION_DEFAULTS = ("repetition_penalty", "no_repeat_ngram_size")
 
 
+def registered_repetition(spec: "ModelSpec") -> dict[str, float | int]:
+    """The repetition control registered with ``spec``'s version, typed as GenerationSettings
+    takes it: {"repetition_penalty": float, "no_repeat_ngram_size": int}, either or both absent."""
+    kinds = {"repetition_penalty": float, "no_repeat_ngram_size": int}
+    return {name: kinds[name](value) for name, value in spec.generation_defaults}
+
+
 def _generation_defaults(metadata: dict[str, Any]) -> tuple[tuple[str, float], ...]:
     recorded = metadata.get("generation_defaults") or {}
     return tuple((name, recorded[name]) for name in GENERATION_DEFAULTS if name in recorded)

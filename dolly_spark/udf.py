@@ -17,7 +17,7 @@ from pyspark.sql.functions import pandas_udf
 from pyspark.sql.types import BooleanType, IntegerType, StringType, StructField, StructType
 
 from dolly_spark.models import stage_for_executors
-from dolly_spark.registry import ModelSpec, resolve_model
+from dolly_spark.registry import ModelSpec, registered_repetition, resolve_model
 from dolly_spark.sessions import ARROW_BATCH_CONF
 from dolly_spark.structured import as_struct, json_schema, result_fields, structured_columns, udf_fields
 from dolly_spark.tables import require_columns
@@ -172,12 +172,8 @@ def result_schema(choices: Sequence[str] | None = None, schema: str | StructType
 def with_registered_defaults(settings, spec: ModelSpec, penalty_unset: bool, ngram_unset: bool):
     """``settings`` with the repetition control registered with ``spec``'s version wherever the
     caller left it unset."""
-    registered = dict(spec.generation_defaults)
-    changes = {}
-    if penalty_unset and "repetition_penalty" in registered:
-        changes["repetition_penalty"] = float(registered["repetition_penalty"])
-    if ngram_unset and "no_repeat_ngram_size" in registered:
-        changes["no_repeat_ngram_size"] = int(registered["no_repeat_ngram_size"])
+    unset = {"repetition_penalty": penalty_unset, "no_repeat_ngram_size": ngram_unset}
+    changes = {name: value for name, value in registered_repetition(spec).items() if unset[name]}
     return dataclasses.replace(settings, **changes)
 
 

@@ -296,3 +296,37 @@ def test_a_challenger_worse_than_its_base_is_not_promoted(finetuned, tmp_path):
     assert report.base_score == 1.0 and report.challenger_score < report.base_score
     assert not report.promoted and alias_version("regressed_dolly", "champion") is None
     assert MlflowClient().get_run(report.run_id).data.tags["base_prompt_format"] == "dolly"
+
+
+@pytest.mark.slow
+def test_both_models_are_scored_and_the_new_version_registered_with_the_bases_repetition_control(
+        mlflow_registry, tiny_chat_dir):
+    from conftest import SHARED_DATA
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dolly_spark.registry import log_and_register, registered_repetition, resolve_model
+    from dolly_spark.training.data import load_records
+    from dolly_spark.training.finetune import FinetuneConfig, run_finetune
+    from dolly_spark.training.model_scoring import score_model
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_dir)
+    control = {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2}
+    version = log_and_register(base, tokenizer, "controlled_chat", "chat", **control)
+    config = FinetuneConfig(base_model=f"models:/controlled_chat/{version}", train_data=str(SHARED_DATA),
+                            model_name="controlled_chat", epochs=1, batch_size=8, max_length=256, eval_fraction=0.25,
+                            max_eval_records=6, eval_max_new_tokens=12, seed=5)
+    report = run_finetune(config)
+    run = MlflowClient().get_run(report.run_id)
+    assert run.data.params["scoring_repetition_control"] == str(control)
+    # The before-score is the base's as the jobs run it: with its registered control.
+    held_out = stratified_split(validate_records(load_records(str(SHARED_DATA))[0]).kept, 0.25, 5)[1][:6]
+    controlled = score_model(base, tokenizer, held_out, "chat", 12, 256, control)
+    assert run.data.metrics["before_rouge_l"] == pytest.approx(controlled["scores"]["overall"]["rouge_l"])
+    assert registered_repetition(resolve_model(f"models:/controlled_chat/{report.version}")) == control
+
+    # Set in the config, it wins; 0 turns the n-gram ban off.
+    import dataclasses
+    override = run_finetune(dataclasses.replace(config, no_repeat_ngram_size=0, evaluate=False))
+    assert registered_repetition(resolve_model(f"models:/controlled_chat/{override.version}")) == {
+        "repetition_penalty": 1.3}

@@ -1,7 +1,7 @@
 """The model a fine-tune starts from: loaded unmodified, with the prompt format it answers best in."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,9 @@ class BaseModel:
     tokenizer: Any
     uri: str
     registered_format: str | None = None
+    # The repetition control registered with the version (see ``registry.log_and_register``),
+    # which the jobs generate with: the same goes for scoring it.
+    repetition: dict[str, float | int] = field(default_factory=dict)
 
     @property
     def own_format(self) -> str:
@@ -37,16 +40,16 @@ def load_base_model(base_model: str) -> BaseModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dolly_spark.models import local_model_paths
-    from dolly_spark.registry import resolve_model
+    from dolly_spark.registry import registered_repetition, resolve_model
 
     model_path = tokenizer_path = uri = base_model
-    registered_format = None
+    registered_format, repetition = None, {}
     if base_model.startswith("models:/"):
         spec = resolve_model(base_model)
         model_path, tokenizer_path = local_model_paths(spec)
-        uri, registered_format = spec.uri, spec.prompt_format
+        uri, registered_format, repetition = spec.uri, spec.prompt_format, registered_repetition(spec)
     elif Path(base_model).expanduser().exists():
         uri = str(Path(base_model).expanduser().resolve())
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    return BaseModel(model, tokenizer, uri, registered_format)
+    return BaseModel(model, tokenizer, uri, registered_format, repetition)

@@ -1,5 +1,6 @@
 """The evaluate-and-promote job: score the challenger, the champion and the challenger's base on
-the same held-out records, each in the prompt format it answers best in, and move ``champion``
+the same held-out records, each in the prompt format it answers best in and with the repetition
+control registered with it (as the jobs generate with it), and move ``champion``
 to the challenger only when it beats both by the configured margin.
 
 The base matters when there is no champion yet (or the champion is older than the base): a
@@ -72,7 +73,7 @@ def held_out_records(config: EvaluateConfig, spark: Any = None, trained_on: dict
 def _evaluate_version(name: str, version: str, records, config: EvaluateConfig) -> dict[str, Any]:
     registered = load_base_model(f"models:/{name}/{version}")
     return score_model(registered.model, registered.tokenizer, records, registered.registered_format or "dolly",
-                       config.max_new_tokens, config.max_length)
+                       config.max_new_tokens, config.max_length, registered.repetition)
 
 
 def _evaluate_base(metadata: dict[str, Any], records, config: EvaluateConfig) -> dict[str, Any] | None:
@@ -87,7 +88,8 @@ def _evaluate_base(metadata: dict[str, Any], records, config: EvaluateConfig) ->
     except (OSError, ValueError) as exc:
         log.warning("the challenger's base %s cannot be loaded (%s): compared with the champion only", base_uri, exc)
         return None
-    return score_model(base.model, base.tokenizer, records, base.own_format, config.max_new_tokens, config.max_length)
+    return score_model(base.model, base.tokenizer, records, base.own_format, config.max_new_tokens, config.max_length,
+                       base.repetition)
 
 
 def run_evaluate_and_promote(config: EvaluateConfig, spark: Any = None) -> PromotionReport:

@@ -53,6 +53,11 @@ class FinetuneConfig:
     eval_steps: int = option(50, "evaluate the held-out loss every this many steps")
     max_eval_records: int = option(64, "held-out records generated on for ROUGE-L (generation is slow)")
     eval_max_new_tokens: int = option(128, "longest generated answer when scoring")
+    repetition_penalty: float | None = option(None, "repetition control the base and the tuned model are scored "
+                                              "with, and the new version is registered with (1.0: off); default: "
+                                              "the base version's registered value")
+    no_repeat_ngram_size: int | None = option(None, "no n-gram of this size twice in an answer, when scoring and "
+                                              "in the new version (0: off); default: the base version's")
     evaluate: bool = option(True, "score the base and the tuned model on the held-out split")
     lora: bool = option(False, "train LoRA adapters (merged into the model before registration)")
     lora_rank: int = option(16, "LoRA rank")
@@ -221,13 +226,14 @@ def run_finetune(config: FinetuneConfig, spark: Any = None) -> FinetuneReport:
     base = load_base_model(config.base_model)
     model, tokenizer, base_format = base.model, base.tokenizer, base.own_format
     trained_format = training_format(config.prompt_format, base_format)
+    repetition = repetition_control(config, base.repetition)
     scored = eval_records[: config.max_eval_records]
     evaluations: dict[str, dict[str, Any]] = {}
     if config.evaluate and scored:
         log.info("scoring the base %s in its own %s format on %d held-out records", base.uri, base_format, len(scored))
         # The fair baseline: the base as it is, in the format it answers best in, before any
         # token is added or any weight changes.
-        evaluations["base"] = _score(model, tokenizer, scored, base_format, config)
+        evaluations["base"] = _score(model, tokenizer, scored, base_format, config, repetition)
 
     new_tokens = prepare_tokens(model, tokenizer, trained_format)
     fmt = get_format(trained_format, tokenizer)
@@ -246,7 +252,7 @@ def run_finetune(config: FinetuneConfig, spark: Any = None) -> FinetuneReport:
         mlflow.set_tags({"job": "finetune", "base_model": config.base_model})
         mlflow.log_params({**asdict(config), **source.as_params(), "new_special_tokens": new_tokens,
                            "trained_prompt_format": trained_format, "baseline_prompt_format": base_format,
-                           "optimizer_steps": steps})
+                           "optimizer_steps": steps, "scoring_repetition_control": repetition or "off"})
         _log_training_input(source, validation.kept)
         mlflow.log_metrics({
             "records_read": len(records), "records_kept": len(validation.kept),
@@ -280,7 +286,7 @@ def run_finetune(config: FinetuneConfig, spark: Any = None) -> FinetuneReport:
 
         if "base" in evaluations:
             log.info("scoring the tuned model in the %s format on %d held-out records", trained_format, len(scored))
-            evaluations["tuned"] = _score(model, tokenizer, scored, trained_format, config)
+            evaluations["tuned"] = _score(model, tokenizer, scored, trained_format, config, repetition)
             metrics.update(flat_metrics("after", evaluations["tuned"]))
             metrics.update(gain_metrics(evaluations["base"], evaluations["tuned"]))
             mlflow.log_figure(category_chart(evaluations), "rouge_l_by_category.png")
@@ -295,14 +301,27 @@ def run_finetune(config: FinetuneConfig, spark: Any = None) -> FinetuneReport:
             metadata={"base_model": config.base_model, "base_model_uri": base.uri, "train_data": source.name,
                       "train_data_version": source.version, **baseline,
                       **({"special_tokens": list(DOLLY_SPECIAL_TOKENS)} if trained_format == "dolly" else {})},
+            **repetition,
         )
         log.info("fine-tuned %s: version %s (@%s), metrics %s", config.model_name, version, config.alias, metrics)
         return FinetuneReport(run.info.run_id, config.model_name, version, len(train_set.examples),
                               len(eval_set.examples), skipped, metrics, train_seconds)
 
 
-def _score(model, tokenizer, records, prompt_format: str, config: FinetuneConfig) -> dict[str, Any]:
-    return score_model(model, tokenizer, records, prompt_format, config.eval_max_new_tokens, config.max_length)
+def repetition_control(config: FinetuneConfig, registered: dict[str, float | int]) -> dict[str, float | int]:
+    """The repetition control both models are scored with and the new version gets: the config's
+    where it sets it, else the base version's registered one; settings that are off left out."""
+    chosen = {**registered, **{name: value for name, value in (("repetition_penalty", config.repetition_penalty),
+                                                                ("no_repeat_ngram_size", config.no_repeat_ngram_size))
+                               if value is not None}}
+    off = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+    return {name: value for name, value in chosen.items() if value != off[name]}
+
+
+def _score(model, tokenizer, records, prompt_format: str, config: FinetuneConfig,
+           repetition: dict[str, float | int]) -> dict[str, Any]:
+    return score_model(model, tokenizer, records, prompt_format, config.eval_max_new_tokens, config.max_length,
+                       repetition)
 
 
 def _log_predictions(records: list[dict[str, str]], evaluations: dict[str, dict[str, Any]]) -> None:

@@ -32,19 +32,22 @@ def eval_loss(model: Any, tokenizer: Any, records: list[dict[str, str]], prompt_
 
 
 def score_model(model: Any, tokenizer: Any, records: list[dict[str, str]], prompt_format: str,
-                max_new_tokens: int, max_length: int) -> dict[str, Any]:
-    """How ``model`` answers ``records`` in ``prompt_format``, greedy: {"prompt_format",
-    "eval_loss", "scores": {category: {...}}, "predictions", "rouge_l": per record,
+                max_new_tokens: int, max_length: int, repetition: dict[str, float] | None = None) -> dict[str, Any]:
+    """How ``model`` answers ``records`` in ``prompt_format``, greedy, with ``repetition`` control
+    (``repetition_penalty``, ``no_repeat_ngram_size``; none by default): {"prompt_format",
+    "repetition", "eval_loss", "scores": {category: {...}}, "predictions", "rouge_l": per record,
     "stopped": per record (the answer ended with the model's stop within ``max_new_tokens``)}."""
     from dolly_spark.engine import GenerationSettings, InstructionEngine
 
-    engine = InstructionEngine(model, tokenizer, prompt_format, GenerationSettings(max_new_tokens=max_new_tokens))
+    repetition = dict(repetition or {})
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, **repetition)
+    engine = InstructionEngine(model, tokenizer, prompt_format, settings)
     results = engine.run([r["instruction"] for r in records], [r["context"] for r in records])
     predictions = [result.response for result in results]
     references = [r["response"] for r in records]
     stopped = [result.finish_reason in (FINISH_STOP, FINISH_EOS) for result in results]
     scores = score_by_category(predictions, references, [r["category"] for r in records], stopped)
-    return {"prompt_format": prompt_format,
+    return {"prompt_format": prompt_format, "repetition": repetition,
             "eval_loss": eval_loss(model, tokenizer, records, prompt_format, max_length),
             "scores": scores, "predictions": predictions, "stopped": stopped,
             "rouge_l": [rouge_l(p, r) for p, r in zip(predictions, references)]}
