@@ -18,7 +18,7 @@ from pathlib import Path
 
 from dolly_spark.devices import parse_dtype
 from dolly_spark.engine import GenerationSettings, InstructionEngine
-from dolly_spark.training.scoring import rouge_l
+from dolly_spark.training.scoring import paired_bootstrap, rouge_l
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "dolly15k_sample.jsonl"
 VARIANTS = {
@@ -54,6 +54,7 @@ def main() -> None:
     dtypes = args.dtypes.split(",")
     report = {"records": len(records), "max_new_tokens": args.max_new_tokens, "dtypes": dtypes, "variants": {}}
     answers: dict[tuple[str, str], list[str | None]] = {}
+    scored: dict[tuple[str, str], list[float]] = {}
     for dtype in dtypes:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype)).eval()
         for name in args.variants.split(","):
@@ -63,6 +64,7 @@ def main() -> None:
             results = engine.run([r["instruction"] for r in records], [r.get("context") for r in records])
             answers[dtype, name] = [result.response for result in results]
             scores = [rouge_l(result.response, record["response"]) for result, record in zip(results, records)]
+            scored[dtype, name] = scores
             loops = engine.run([i for i, _ in LOOPS], [c for _, c in LOOPS])
             label = name if len(dtypes) == 1 else f"{name} [{dtype}]"
             report["variants"][label] = entry = {
@@ -77,12 +79,17 @@ def main() -> None:
         report["across_dtypes"] = {}
         for name in args.variants.split(","):
             first, second = answers[dtypes[0], name], answers[dtypes[1], name]
+            # The second precision's ROUGE-L against the references minus the first's, record by
+            # record, with its 95% paired bootstrap interval: an interval around 0 is noise.
+            gain, low, high = paired_bootstrap(scored[dtypes[0], name], scored[dtypes[1], name])
             report["across_dtypes"][name] = across = {
                 "identical_share": sum(a == b for a, b in zip(first, second)) / len(first),
                 "rouge_l_between": sum(rouge_l(a, b) for a, b in zip(first, second)) / len(first),
+                "rouge_l_difference": gain, "rouge_l_difference_low": low, "rouge_l_difference_high": high,
             }
             print(f"{name}: {across['identical_share']:.0%} identical in {dtypes[0]} and {dtypes[1]}, "
-                  f"ROUGE-L between them {across['rouge_l_between']:.4f}")
+                  f"ROUGE-L between them {across['rouge_l_between']:.4f}; ROUGE-L against the references "
+                  f"{dtypes[1]} minus {dtypes[0]} {gain:+.4f} (95% interval {low:+.4f} to {high:+.4f})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     for name, entry in report["variants"].items():

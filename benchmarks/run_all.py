@@ -116,6 +116,8 @@ def run_model(spark, key: str, args: argparse.Namespace, machine: dict[str, Any]
                                          register_batched_pyfunc)
     from benchmarks.report import model_entry
     from benchmarks.workload import INSTRUCTION, LONG_INSTRUCTION, generate_tickets
+    import torch
+
     from dolly_spark.engine import GenerationSettings, InstructionEngine
     from dolly_spark.sessions import ARROW_BATCH_CONF
 
@@ -161,6 +163,7 @@ def run_model(spark, key: str, args: argparse.Namespace, machine: dict[str, Any]
             engine, rows, arrow_batch_rows, instruction=LONG_INSTRUCTION, variant=variants.ENGINE_LONG)
 
     meta = {
+        "default_precision": "bf16" if engine.model.dtype == torch.bfloat16 else "fp32",
         "model": key, "model_uri": bench.uri, "registered_name": bench.spec.name, "version": bench.spec.version,
         "prompt_format": bench.prompt_format, "rows": args.rows, "partitions": PARTITIONS,
         "max_new_tokens": args.max_new_tokens, "mlflow_model_uri": bench.uri,

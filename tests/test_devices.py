@@ -6,10 +6,19 @@ import torch
 from dolly_spark.devices import is_out_of_memory, select_device, select_dtype
 
 
-def test_cpu_gets_fp32():
+def test_cpu_gets_bf16_only_where_it_multiplies_bf16_natively(monkeypatch, tmp_path):
+    from dolly_spark import devices
+
     if not torch.cuda.is_available():
         assert select_device() == torch.device("cpu")
-    assert select_dtype(torch.device("cpu")) is torch.float32
+    for flags, expected in [("fpu avx2 avx512f avx512_bf16", torch.float32),  # AVX-512 bf16 only: fp32
+                            ("fpu avx512f avx512_bf16 amx_bf16 amx_tile amx_int8", torch.bfloat16), ("", torch.float32)]:
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nmodel name\t: a CPU\nflags\t\t: {flags}\n\n")
+        monkeypatch.setattr(devices, "native_bf16_matmul", lambda path=str(cpuinfo): "amx_bf16" in devices.cpu_flags(path))
+        assert select_dtype(torch.device("cpu")) is expected, flags
+        assert select_dtype(torch.device("cpu"), "float32") is torch.float32  # the override
+    assert devices.cpu_flags(str(tmp_path / "missing")) == set()
 
 
 def test_gpu_dtype_follows_bf16_support(monkeypatch):
