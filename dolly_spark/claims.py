@@ -1,11 +1,12 @@
 """One writing run per target table at a time, by a claim recorded in Delta.
 
 Two summarize runs on one target would stage into the same tables and MERGE the same tickets.
-So a run first claims its target: it MERGEs one row into ``<target>__claim``, keyed by the
-target's name. Delta's optimistic concurrency makes that atomic across drivers and machines:
-when two runs claim at once, both MERGEs read the (empty) claim table, and whichever commits
-second fails with a concurrent-append conflict. The loser reads the claim and fails fast with
-``TargetBusyError``, naming the run that holds it.
+So a run first claims its target: it MERGEs its row into ``<target>__claim``, a table that holds
+at most one row (the claim on that target, however the target's name was spelled). Delta's
+optimistic concurrency makes that atomic across drivers and machines: when two runs claim at
+once, both MERGEs read the (empty) claim table, and whichever commits second fails with a
+concurrent-append conflict. The loser reads the claim and fails fast with ``TargetBusyError``,
+naming the run that holds it.
 
 A run refreshes its claim's heartbeat as it works and deletes the claim when it ends, however it
 ends. A driver killed outright leaves its claim behind; a claim whose heartbeat is older than
@@ -59,20 +60,25 @@ class Claim:
         over (this run stalled past the stale limit): two writers must never go on together."""
         from delta.tables import DeltaTable
 
-        DeltaTable.forName(self.spark, claim_table(self.target)).update(
-            self._mine(), {"heartbeat_at": F.current_timestamp()})
-        holder = _holder(self.spark, self.target)
-        if holder is None or holder["claim_id"] != self.claim_id:
+        try:
+            DeltaTable.forName(self.spark, claim_table(self.target)).update(
+                F.col("claim_id") == self.claim_id, {"heartbeat_at": F.current_timestamp()})
+        except _conflicts() as exc:  # another run's claim attempt committed first: who holds it now?
+            log.info("the heartbeat on %s met another run's claim: %s", self.target, str(exc).splitlines()[0])
+        if not self.held():
             raise TargetBusyError(f"this run's claim on target table {self.target!r} is gone (it stalled for "
-                                  f"over {_words(self.stale_after)}): {describe_holder(self.spark, self.target, self.stale_after)}")
+                                  f"over {_words(self.stale_after)}): "
+                                  f"{describe_holder(self.spark, self.target, self.stale_after)}")
+
+    def held(self) -> bool:
+        """True while the claim is still this run's."""
+        holder = _holder(self.spark, self.target)
+        return holder is not None and holder["claim_id"] == self.claim_id
 
     def release(self) -> None:
         from delta.tables import DeltaTable
 
-        DeltaTable.forName(self.spark, claim_table(self.target)).delete(self._mine())
-
-    def _mine(self):
-        return (F.col("target") == self.target) & (F.col("claim_id") == self.claim_id)
+        DeltaTable.forName(self.spark, claim_table(self.target)).delete(F.col("claim_id") == self.claim_id)
 
 
 def acquire(spark: SparkSession, target: str, owner: dict, stale_after: timedelta) -> Claim:
@@ -91,16 +97,16 @@ def acquire(spark: SparkSession, target: str, owner: dict, stale_after: timedelt
     stale = F.col("c.heartbeat_at") < F.current_timestamp() - F.expr(f"INTERVAL {int(stale_after.total_seconds())} SECONDS")
     try:
         (
+            # The table holds at most one row, the claim: any row there is the one to match.
             DeltaTable.forName(spark, table).alias("c")
-            .merge(mine.alias("n"), "c.target = n.target")
+            .merge(mine.alias("n"), F.lit(True))
             .whenMatchedUpdateAll(condition=stale)
             .whenNotMatchedInsertAll()
             .execute()
         )
     except _conflicts() as exc:
         log.info("claiming %s conflicted with another run's claim: %s", target, str(exc).splitlines()[0])
-    holder = _holder(spark, target)
-    if holder is None or holder["claim_id"] != claim.claim_id:
+    if not claim.held():
         raise TargetBusyError(f"another summarize run is writing target table {target!r}: "
                               f"{describe_holder(spark, target, stale_after)}")
     return claim
@@ -117,7 +123,7 @@ def _create(spark: SparkSession, table: str) -> None:
 
 
 def _holder(spark: SparkSession, target: str):
-    return spark.read.table(claim_table(target)).where(F.col("target") == target).first()
+    return spark.read.table(claim_table(target)).first()
 
 
 def describe_holder(spark: SparkSession, target: str, stale_after: timedelta) -> str:

@@ -36,7 +36,7 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
 
 
-def _parse_list(text: str) -> list[str]:
+def parse_list(text: str) -> list[str]:
     """A list on the command line: comma-separated items, spaces around them dropped."""
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -45,7 +45,7 @@ def _argument_type(kind: type):
     if kind is bool:
         return _parse_bool
     if typing.get_origin(kind) is list:
-        return _parse_list
+        return parse_list
     return kind
 
 

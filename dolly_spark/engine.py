@@ -54,7 +54,7 @@ from dolly_spark.prompts import (
     infer_format_name,
     schema_instruction,
 )
-from dolly_spark.ragged_attention import ragged_attention
+from dolly_spark.ragged_attention import has_sliding_window, ragged_attention
 
 if TYPE_CHECKING:
     from dolly_spark.inference.constrained import JsonGrammar
@@ -123,6 +123,11 @@ class InstructionEngine:
         settings = self.settings
         if not settings.choices:
             return None, None
+        if has_sliding_window(self.model.config):
+            # The scorer prefills whole prompts into one cache, which a sliding-window layer
+            # would cut to its window.
+            raise ValueError("choices need a model without sliding-window attention; this model's config sets "
+                             "sliding_window. Generate the label with json_schema and an enum instead")
         choice_ids = [answer_ids(tokenizer, self.format, choice, self.end_id) for choice in settings.choices]
         scorer = ChoiceScorer(self.model, choice_ids, self.pad_id, self.stats)
         limit, reason = prompt_limit(settings, window, scorer.longest_choice)

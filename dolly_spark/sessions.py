@@ -183,12 +183,12 @@ def generation_parallelism(spark: SparkSession) -> int:
     default parallelism (the executors' cores)."""
     try:
         context = spark.sparkContext
+        conf = dict(context.getConf().getAll())
+        # getExecutorMemoryStatus lists the block managers: every executor and the driver.
+        executors = max(1, context._jsc.sc().getExecutorMemoryStatus().size() - 1)
+        return tasks_per_wave(conf, executors, context.defaultParallelism)
     except Exception:  # noqa: BLE001 - Spark Connect sessions have no SparkContext
         return int(spark.conf.get("spark.default.parallelism", "8"))
-    conf = dict(context.getConf().getAll())
-    # getExecutorMemoryStatus lists the block managers: every executor and the driver.
-    executors = max(1, context._jsc.sc().getExecutorMemoryStatus().size() - 1)
-    return tasks_per_wave(conf, executors, context.defaultParallelism)
 
 
 def tasks_per_wave(conf: dict[str, str], executors: int, default_parallelism: int) -> int:

@@ -2,9 +2,9 @@
 
 ``<target>__pending`` holds the run's fixed set of tickets, written once from one read of the
 source and one of the target, then laid out in chunks: ranges of the id, one Delta partition
-each, so reading a chunk reads only its own files. ``<target>__staged`` holds each chunk's
-results, appended chunk by chunk, so a chunk is generated once even when its MERGE has to be
-retried. Both are dropped when the run ends. Nothing is held in executor memory: a lost
+each, so reading a chunk reads only its own files. ``<target>__staged`` holds the results of
+the chunk being merged, so a chunk is generated once even when its MERGE has to be retried.
+Both are dropped when the run ends, however it ends. Nothing is held in executor memory: a lost
 executor makes Spark retry tasks, never lose rows.
 
 Chunks are id ranges, not hash buckets, because the MERGE of a chunk can then name its range:
@@ -19,6 +19,7 @@ from typing import Any
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.types import ByteType, DateType, DecimalType, IntegerType, LongType, ShortType, StringType
 
 CHUNK_COL = "_chunk"
 COPIES_COL = "_copies"
@@ -27,17 +28,26 @@ COPIES_COL = "_copies"
 NULL_ID_CHUNK = -1
 
 
+# Id types whose values come back from Spark to Python and go back as literals unchanged. A
+# timestamp would pass through the Python process's local time zone, and a range built from it
+# could miss a row: chunks of such ids MERGE without a range (Delta then reads every file).
+RANGE_TYPES = (StringType, ByteType, ShortType, IntegerType, LongType, DateType, DecimalType)
+
+
 @dataclass(frozen=True)
 class Chunk:
-    """One chunk of pending tickets: its number, its row count and its id range (inclusive)."""
+    """One chunk of pending tickets: its number, its row count and its id range (inclusive;
+    None when the id's type cannot carry one, see RANGE_TYPES)."""
 
     number: int
     rows: int
-    first_id: Any
-    last_id: Any
+    first_id: Any = None
+    last_id: Any = None
 
-    def id_range(self, column: Column) -> Column:
+    def id_range(self, column: Column) -> Column | None:
         """True for ids of this chunk's range: the predicate that lets Delta skip other files."""
+        if self.first_id is None:
+            return None
         return column.between(F.lit(self.first_id), F.lit(self.last_id))
 
 
@@ -79,32 +89,41 @@ def stage_pending(pending: DataFrame, target: str) -> str:
 def plan_chunks(spark: SparkSession, pending_table: str, id_col: str, chunk_rows: int, max_rows: int = 0) -> PendingSet:
     """Lay the pending table out in id-range chunks of about ``chunk_rows`` rows (at most
     ``max_rows`` rows in all when it is above 0) and describe them. Reads only the pending table:
-    its counts, then, when there is more than one chunk, one rewrite by id range."""
+    once for its counts and id ranges, and, when there is more than one chunk, once more to
+    rewrite it by id range and once to read the new ranges."""
     pending = spark.read.table(pending_table)
-    counts = pending.agg(
-        F.sum(F.when(F.col(CHUNK_COL) >= 0, 1).otherwise(0)).alias("rows"),
-        F.sum(F.when(F.col(CHUNK_COL) == NULL_ID_CHUNK, F.col(COPIES_COL)).otherwise(0)).alias("null_ids"),
-        F.sum(F.when(F.col(CHUNK_COL) >= 0, F.col(COPIES_COL) - 1).otherwise(0)).alias("duplicates"),
-    ).first()
-    rows = int(counts["rows"] or 0)
+    layout = _layout(pending, id_col)
+    null_ids = sum(part["copies"] for part in layout if part[CHUNK_COL] == NULL_ID_CHUNK)
+    keyed = [part for part in layout if part[CHUNK_COL] >= 0]
+    rows = sum(part["rows"] for part in keyed)
+    duplicates = sum(part["copies"] - part["rows"] for part in keyed)
     wanted = min(rows, max_rows) if max_rows > 0 else rows
     chunks = math.ceil(wanted / max(1, chunk_rows))
     if chunks > 1 or wanted < rows:
-        keyed = pending.where(F.col(CHUNK_COL) >= 0).drop(CHUNK_COL)
+        taken = pending.where(F.col(CHUNK_COL) >= 0).drop(CHUNK_COL)
         if wanted < rows:
-            keyed = keyed.limit(wanted)
+            taken = taken.limit(wanted)
         # A range partitioner samples the ids to cut them into ranges of about equal size; each
         # range becomes a chunk, written as a Delta partition of its own. Delta reads the
         # table's snapshot before it commits the overwrite, so the table can be its own input.
-        ranged = keyed.repartitionByRange(max(1, chunks), F.col(id_col)).withColumn(CHUNK_COL, F.spark_partition_id())
+        ranged = taken.repartitionByRange(max(1, chunks), F.col(id_col)).withColumn(CHUNK_COL, F.spark_partition_id())
         _write(ranged.unionByName(pending.where(F.col(CHUNK_COL) == NULL_ID_CHUNK)), pending_table, "overwrite",
                partitioned=True)
-    bounds = spark.read.table(pending_table).where(F.col(CHUNK_COL) >= 0).groupBy(CHUNK_COL).agg(
-        F.count(F.lit(1)).alias("rows"), F.min(id_col).alias("first"), F.max(id_col).alias("last"),
-    ).orderBy(CHUNK_COL).collect()
+        keyed = [part for part in _layout(spark.read.table(pending_table), id_col) if part[CHUNK_COL] >= 0]
+    ranged_ids = isinstance(pending.schema[id_col].dataType, RANGE_TYPES)
     # Range partitions are numbered in id order; one the sampling left empty has no row here.
-    plan = [Chunk(row[CHUNK_COL], row["rows"], row["first"], row["last"]) for row in bounds]
-    return PendingSet(pending_table, plan, int(counts["null_ids"] or 0), int(counts["duplicates"] or 0))
+    plan = [Chunk(part[CHUNK_COL], part["rows"], *((part["first"], part["last"]) if ranged_ids else ()))
+            for part in keyed]
+    return PendingSet(pending_table, plan, null_ids, duplicates)
+
+
+def _layout(pending: DataFrame, id_col: str) -> list:
+    """Per stored chunk of ``pending`` (in order): rows, source rows they stand for, first and
+    last id."""
+    return pending.groupBy(CHUNK_COL).agg(
+        F.count(F.lit(1)).alias("rows"), F.sum(COPIES_COL).alias("copies"),
+        F.min(id_col).alias("first"), F.max(id_col).alias("last"),
+    ).orderBy(CHUNK_COL).collect()
 
 
 def read_chunk(spark: SparkSession, pending: PendingSet, chunk: Chunk) -> DataFrame:
@@ -112,15 +131,12 @@ def read_chunk(spark: SparkSession, pending: PendingSet, chunk: Chunk) -> DataFr
     return spark.read.table(pending.table).where(F.col(CHUNK_COL) == chunk.number).drop(CHUNK_COL, COPIES_COL)
 
 
-def stage_results(spark: SparkSession, results: DataFrame, target: str, chunk: Chunk, first: bool) -> DataFrame:
-    """Generate ``results`` into the staged table (replaced by a run's ``first`` chunk, appended
-    to after that) as ``chunk``'s own files, and return
+def stage_results(spark: SparkSession, results: DataFrame, target: str) -> DataFrame:
+    """Generate ``results`` into the staged table, replacing the previous chunk's, and return
     them read back from Delta: the MERGE may read its source more than once and may be retried,
     and must never run the model again."""
-    table = staging_table(target, "staged")
-    _write(results.withColumn(CHUNK_COL, F.lit(chunk.number)), table, "overwrite" if first else "append",
-           partitioned=False)
-    return spark.read.table(table).where(F.col(CHUNK_COL) == chunk.number).drop(CHUNK_COL)
+    table = _write(results, staging_table(target, "staged"), "overwrite", partitioned=False)
+    return spark.read.table(table)
 
 
 def drop_staging(spark: SparkSession, target: str) -> None:

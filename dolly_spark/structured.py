@@ -44,6 +44,8 @@ LABEL_MAP_FIELD = StructField("label_probabilities", MapType(StringType(), Doubl
 # then pairs with the choices (an array crosses Arrow more simply than a map).
 CHOICE_PROBABILITIES_FIELD = StructField("choice_probabilities", ArrayType(DoubleType()))
 PARSED_FIELD = "parsed"
+# Every field structured answers add to a result struct.
+STRUCTURED_FIELDS = (*(field.name for field in LABEL_FIELDS), LABEL_MAP_FIELD.name, PARSED_FIELD)
 
 _JSON_TYPES: list[tuple[tuple[type, ...], dict[str, Any]]] = [
     ((StringType, VarcharType, CharType), {"type": "string"}),

@@ -24,6 +24,7 @@ from datetime import timedelta
 import mlflow
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.types import StructField, StructType
 
 from dolly_spark import claims, incremental, staging
 from dolly_spark.config import option
@@ -33,7 +34,7 @@ from dolly_spark.registry import ModelSpec, resolve_model
 from dolly_spark.sessions import generation_parallelism
 from dolly_spark.tables import require_columns, require_table, table_exists
 from dolly_spark.inference.results import GenerationSettings, check_choices
-from dolly_spark.structured import as_struct, describe
+from dolly_spark.structured import STRUCTURED_FIELDS, as_struct, describe
 from dolly_spark.udf import apply_instruction, result_schema, with_registered_defaults
 
 log = logging.getLogger(__name__)
@@ -106,12 +107,6 @@ class SummarizeReport:
         return self.generated_tokens / self.wall_seconds if self.wall_seconds else 0.0
 
 
-def result_columns(config: SummarizeConfig) -> list[str]:
-    """The result fields the target holds for ``config`` (the label's and ``parsed`` too when it
-    asks for structured answers)."""
-    return [field.name for field in result_schema(config.choices, config.schema).fields]
-
-
 def validate(spark: SparkSession, config: SummarizeConfig) -> tuple[DataFrame, ModelSpec]:
     """The source DataFrame and the resolved model, or a ValueError naming what is wrong.
     Reads only catalog metadata and the registry: no Spark job runs."""
@@ -120,34 +115,55 @@ def validate(spark: SparkSession, config: SummarizeConfig) -> tuple[DataFrame, M
     require_columns(source, {"text column": config.text_col}, where)
     if config.id_col not in source.columns:
         raise ValueError(f"id column {config.id_col!r} is not a column of {where}; its columns are {source.columns}")
-    if config.max_attempts < 1:
-        raise ValueError(f"max_attempts must be at least 1, not {config.max_attempts}")
+    for name in ("max_attempts", "chunk_rows", "claim_timeout_minutes"):
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{name} must be above 0, not {getattr(config, name)}")
     check_choices(tuple(config.choices or ()))
-    result_schema(config.choices, config.schema)  # a schema without a JSON form fails here, named
+    results = result_schema(config.choices, config.schema)  # a schema without a JSON form fails here, named
     spec = resolve_model(config.model_uri, config.prompt_format)
     if table_exists(spark, config.target_table):
-        missing = {config.id_col, *result_columns(config)} - set(spark.read.table(config.target_table).columns)
-        if missing:
-            raise ValueError(
-                f"target table {config.target_table!r} exists but lacks columns {sorted(missing)}; "
-                "point --target-table at a new table, or at one this job wrote with the same choices and schema"
-            )
+        check_target(spark.read.table(config.target_table).schema, source.schema[config.id_col], results, config)
     return source, spec
 
 
+def check_target(target: StructType, id_field: StructField, results: StructType, config: SummarizeConfig) -> None:
+    """Raise a ValueError naming ``config.target_table`` unless it holds the id and every result
+    field with the types this run writes, and no structured-answer field this run would leave
+    stale. Types are compared as Spark writes them out (``simpleString``): without nullability
+    or comments, which a MERGE does not change."""
+    where = f"target table {config.target_table!r}"
+    fix = "point --target-table at a new table, or at one this job wrote with the same choices and schema"
+    have = {field.name: field.dataType.simpleString() for field in target.fields}
+    missing = sorted(name for name in [config.id_col, *results.names] if name not in have)
+    if missing:
+        raise ValueError(f"{where} exists but lacks columns {missing}; {fix}")
+    wanted = [(field.name, field.dataType.simpleString()) for field in [id_field, *results.fields]]
+    differ = [f"{name} is {have[name]}, this run writes {kind}" for name, kind in wanted if have[name] != kind]
+    stale = sorted(name for name in STRUCTURED_FIELDS if name in have and name not in results.names)
+    if differ:
+        raise ValueError(f"{where} has other types than this run writes ({'; '.join(differ)}); {fix}")
+    if stale:
+        raise ValueError(f"{where} holds structured answers ({', '.join(stale)}) that this run, without the same "
+                         f"choices and schema, would leave stale beside new answers; {fix}")
+
+
 def job_request(config: SummarizeConfig, spec: ModelSpec) -> dict:
-    """Everything that changes a summary: the model version, the prompt format, the instruction
-    and the generation settings in effect (a version's registered repetition control included)."""
+    """Everything that changes a result: the model version, the prompt format, the instruction,
+    the input cap, the labels and schema of structured answers, and, when anything is generated,
+    the generation settings in effect (a version's registered repetition control included).
+    Labels alone are scored, never generated: generation settings do not change them."""
     settings = with_registered_defaults(
         GenerationSettings(repetition_penalty=config.repetition_penalty or 1.0,
                            no_repeat_ngram_size=config.no_repeat_ngram_size or 0),
         spec, config.repetition_penalty is None, config.no_repeat_ngram_size is None)
     request = {
         "model_name": spec.name, "model_version": spec.version, "prompt_format": spec.prompt_format or "auto",
-        "instruction": config.instruction, "max_new_tokens": config.max_new_tokens,
-        "max_input_tokens": config.max_input_tokens, "repetition_penalty": float(settings.repetition_penalty),
-        "no_repeat_ngram_size": float(settings.no_repeat_ngram_size), "decoding": "greedy",
+        "instruction": config.instruction, "max_input_tokens": config.max_input_tokens,
     }
+    if config.schema or not config.choices:  # something is generated: its settings count
+        request.update({"max_new_tokens": config.max_new_tokens, "decoding": "greedy",
+                        "repetition_penalty": float(settings.repetition_penalty),
+                        "no_repeat_ngram_size": float(settings.no_repeat_ngram_size)})
     # Only when asked for, so the fingerprints of free-text results stay what they were.
     if config.choices:
         request["choices"] = list(config.choices)
@@ -183,7 +199,7 @@ def run_summarize(spark: SparkSession, config: SummarizeConfig) -> SummarizeRepo
         try:
             _summarize_pending(spark, source, config, spec, fingerprint, report, claim)
         finally:
-            claim.release()
+            _end_claim(spark, claim)
         report.wall_seconds = time.perf_counter() - started
         mlflow.log_metrics({
             "rows_read": report.rows_pending,
@@ -219,19 +235,31 @@ def _summarize_pending(spark: SparkSession, source: DataFrame, config: Summarize
         log.warning("%d tickets in %s have a null %s and cannot be keyed; skipped",
                     pending.null_id_rows, config.source_table, config.id_col)
     if pending.duplicate_id_rows:
-        log.warning("%d rows of %s repeat a %s already seen; one row per id is summarized",
+        log.warning("%d more rows of %s share the %s of a pending ticket; one row per id is processed",
                     pending.duplicate_id_rows, config.source_table, config.id_col)
     log.info("%d tickets of %s to summarize with %s version %s, in %d chunks", report.rows_pending,
              config.source_table, spec.name, spec.version, report.chunks)
-    partitions = config.partitions or generation_parallelism(spark)
     progress = ChunkProgress(report.rows_pending, report.chunks)
     for step, chunk in enumerate(pending.chunks):
         claim.heartbeat()
+        # Asked per chunk: executors keep joining a cluster that is starting or scaling up.
+        partitions = config.partitions or generation_parallelism(spark)
         tickets = staging.read_chunk(spark, pending, chunk).repartition(partitions)
-        _summarize_chunk(spark, tickets, chunk, step == 0, config, spec, fingerprint, report)
+        _summarize_chunk(spark, tickets, chunk, config, spec, fingerprint, report, claim)
         progress.chunk_done(step, chunk.rows, f"{report.errors} errors so far ({report.retried} retried, "
                                               f"{report.recovered} recovered, {report.given_up} given up)")
-    staging.drop_staging(spark, config.target_table)
+
+
+def _end_claim(spark: SparkSession, claim: claims.Claim) -> None:
+    """However the run ended: drop its staging tables and release its claim, unless the claim
+    was taken over (the staging tables are then another run's). Never hides the run's own error."""
+    try:
+        if claim.held():
+            staging.drop_staging(spark, claim.target)
+            claim.release()
+    except Exception:  # noqa: BLE001 - the run's own outcome matters more; the claim goes stale
+        log.exception("could not clean up after the run on %s; its claim expires after %s", claim.target,
+                      claim.stale_after)
 
 
 def _owner(spark: SparkSession, run) -> dict:
@@ -244,8 +272,8 @@ def _owner(spark: SparkSession, run) -> dict:
     return owner
 
 
-def _summarize_chunk(spark: SparkSession, tickets: DataFrame, chunk: staging.Chunk, first: bool,
-                     config: SummarizeConfig, spec: ModelSpec, fingerprint: str, report: SummarizeReport) -> None:
+def _summarize_chunk(spark: SparkSession, tickets: DataFrame, chunk: staging.Chunk, config: SummarizeConfig,
+                     spec: ModelSpec, fingerprint: str, report: SummarizeReport, claim: claims.Claim) -> None:
     results = apply_instruction(
         tickets, config.instruction,
         model_uri=spec.uri, input_col=config.text_col, key_col=config.id_col, output_col="_result",
@@ -260,12 +288,17 @@ def _summarize_chunk(spark: SparkSession, tickets: DataFrame, chunk: staging.Chu
                           attempt_key(F.lit(fingerprint), F.col("input_hash")).alias("attempt_key"))
     # Generate exactly once: the results land in Delta before the MERGE reads them (a MERGE may
     # read its source more than once, and may be retried after a lost executor).
-    staged = staging.stage_results(spark, flat, config.target_table, chunk, first)
-    # Only the chunk's id range of the target: Delta skips the files of every other chunk.
-    in_chunk = chunk.id_range(F.col(config.id_col))
-    target = spark.read.table(config.target_table).where(in_chunk) if table_exists(spark, config.target_table) else None
+    staged = staging.stage_results(spark, flat, config.target_table)
+    target = None
+    if table_exists(spark, config.target_table):
+        # Only the chunk's id range of the target: Delta skips the files of every other chunk.
+        in_chunk = chunk.id_range(F.col(config.id_col))
+        target = spark.read.table(config.target_table)
+        target = target if in_chunk is None else target.where(in_chunk)
     # Counted before the MERGE: the outcomes compare each row with what the target held.
     totals = incremental.chunk_totals(staged, target, config.id_col, config.max_attempts)
+    # Generating may have outlasted the claim's timeout: write only while it is still ours.
+    claim.heartbeat()
     merge_results(spark, staged, config.target_table, config.id_col, chunk.id_range(F.col(f"t.`{config.id_col}`")))
     report.rows_written += totals["rows"]
     report.errors += totals["errors"]

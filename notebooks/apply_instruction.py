@@ -33,6 +33,7 @@ dbutils.library.restartPython()
 # COMMAND ----------
 
 from dolly_spark import apply_instruction, configure_mlflow
+from dolly_spark.config import parse_list
 
 dbutils.widgets.text("source_table", "support_tickets", "Source table (catalog.schema.table)")
 dbutils.widgets.text("instruction", "Summarize this text in one sentence.", "Instruction")
@@ -47,7 +48,7 @@ dbutils.widgets.text("schema", "", "Extract these fields, a Spark schema such as
 # COMMAND ----------
 
 output_table = dbutils.widgets.get("output_table").strip()
-labels = [label.strip() for label in dbutils.widgets.get("choices").split(",") if label.strip()]
+labels = parse_list(dbutils.widgets.get("choices"))
 configure_mlflow()
 results = apply_instruction(
     spark.read.table(dbutils.widgets.get("source_table")).limit(int(dbutils.widgets.get("max_rows"))),

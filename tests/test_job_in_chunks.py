@@ -86,6 +86,24 @@ def test_max_rows_takes_the_first_of_the_pending_set_and_the_rest_next_time(spar
     assert len(one_row_per_ticket(spark, "summaries_capped_rows")) == 50
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("id_type", ["BIGINT", "TIMESTAMP"])
+def test_chunks_of_other_id_types_keep_one_row_per_ticket(spark, registered_tiny, id_type):
+    name, _ = registered_tiny
+    source, target = f"tickets_{id_type.lower()}_ids", f"summaries_{id_type.lower()}_ids"
+    ids = "id" if id_type == "BIGINT" else "timestamp_seconds(1767225600 + id * 3600)"
+    spark.range(30).selectExpr(f"{ids} AS ticket_id", "concat('Ticket ', id, ': the app fails.') AS body") \
+        .write.format("delta").mode("overwrite").saveAsTable(source)
+    config = config_for(source, target, f"models:/{name}@champion", chunk_rows=10, max_new_tokens=2)
+    report = run_summarize(spark, config)
+    assert (report.rows_written, report.chunks) == (30, 3)
+    rows = spark.read.table(target).select("ticket_id").collect()
+    assert len(rows) == len({row["ticket_id"] for row in rows}) == 30
+    # Timestamps come back through Python's local time: their chunks MERGE without a range.
+    assert run_summarize(spark, dataclasses.replace(config, instruction="List the problems.")).rows_written == 30
+    assert spark.read.table(target).count() == 30
+
+
 def test_one_generation_task_per_gpu_on_gpu_executors_else_the_cores():
     gpus = {"spark.executor.resource.gpu.amount": "4", "spark.task.resource.gpu.amount": "1"}
     assert tasks_per_wave(gpus, executors=3, default_parallelism=96) == 12

@@ -154,6 +154,14 @@ def test_the_triage_job_merges_typed_results_and_reruns_only_what_changed(spark,
 
     version = delta_version(spark, "triage_out")
     assert run_summarize(spark, config).rows_pending == 0 and delta_version(spark, "triage_out") == version
+    # A target written with other types, or one whose structured answers a run would leave stale,
+    # is refused before anything runs.
+    with pytest.raises(ValueError, match=r"other types than this run writes \(parsed is struct<refund_requested:"
+                                         r"boolean,quantity:int>, this run writes struct<quantity:string>\)"):
+        run_summarize(spark, dataclasses.replace(config, schema="quantity STRING"))
+    with pytest.raises(ValueError, match=r"holds structured answers \(label, label_probabilities, "
+                                         r"label_probability, parsed\) that this run"):
+        run_summarize(spark, dataclasses.replace(config, choices=None, schema=None))
     # Other labels are another request: every ticket again.
     assert run_summarize(spark, dataclasses.replace(config, choices=["billing", "other"])).rows_pending == 6
 

@@ -98,6 +98,9 @@ def test_crash_mid_run_then_rerun_leaves_one_row_per_ticket(spark, registered_ti
         run_summarize(spark, config)
     survived = one_row_per_ticket(spark, "summaries_crash")
     assert 0 < len(survived) < 6  # the first chunk landed, the rest did not
+    # The failed run cleaned up after itself: no staging tables, no claim left to go stale.
+    assert not any(spark.catalog.tableExists(f"summaries_crash__{role}") for role in ("pending", "staged"))
+    assert spark.read.table("summaries_crash__claim").count() == 0
 
     monkeypatch.setattr(summarize, "merge_results", real_merge)
     rerun = run_summarize(spark, config)
