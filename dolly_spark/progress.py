@@ -20,9 +20,9 @@ class ChunkProgress:
     done: int = 0
     started: float = field(default_factory=time.perf_counter)
 
-    def chunk_done(self, step: int, rows: int, detail: str = "") -> dict[str, float]:
-        """Record that chunk ``step`` (0-based) finished ``rows`` rows; log it and return the metrics
-        logged to the active MLflow run."""
+    def chunk_done(self, step: int, rows: int, detail: str = "") -> None:
+        """Record that chunk ``step`` (0-based) finished ``rows`` rows: a log line, and metrics in
+        the active MLflow run."""
         self.done += rows
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         rate = self.done / elapsed
@@ -34,7 +34,6 @@ class ChunkProgress:
         log.info("chunk %d/%d done: %d/%d rows (%.0f%%), %.1f rows/s, about %s left%s", step + 1, self.chunks,
                  self.done, self.total, 100.0 * self.done / max(self.total, 1), rate, _duration(eta),
                  f"; {detail}" if detail else "")
-        return metrics
 
 
 def _duration(seconds: float) -> str:
