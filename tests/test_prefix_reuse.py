@@ -4,9 +4,11 @@ with grouped-query attention, and on the demo model (SmolLM2, Llama, chat format
 from __future__ import annotations
 
 import pytest
+import torch
 
 from benchmarks.workload import INSTRUCTION, LONG_INSTRUCTION, generate_tickets
 from dolly_spark.engine import GenerationSettings, InstructionEngine
+from dolly_spark.inference.planner import shared_prefix_length
 
 TICKETS = [body for _, body in generate_tickets(10, seed=3)]
 
@@ -53,3 +55,39 @@ def test_demo_model_answers_are_identical_with_prefix_reuse_on_and_off():
     assert reused.reused_prefix_tokens >= 150 * (len(TICKETS) - 1)  # the system turn and the rubric
     assert with_reuse == without
     assert sum(response is not None for response, *_ in with_reuse) >= len(TICKETS) // 2
+
+
+def test_the_prefilled_cache_holds_every_prompt_but_its_last_token_and_zeros_elsewhere(tiny_llama):
+    """The prefill writes each prefill group's keys straight into the preallocated cache, laid
+    out as ``static_batching`` draws it: generate continues from column ``longest - 1``, and
+    every prompt token's column holds its states, the columns left of each prefill group and
+    the slots of tokens not generated yet hold zeros, and everything is finite."""
+    engine = InstructionEngine(*tiny_llama, "dolly", GenerationSettings(
+        max_new_tokens=5, token_budget=100_000, min_length_ratio=0.75))
+    _, encoded = engine._encode(engine.encoder, None, [INSTRUCTION] * len(TICKETS), TICKETS, [None] * len(TICKETS), True)
+    (batch,) = engine.micro_batches(encoded)
+    groups = engine.prefill_groups(batch)
+    assert len(groups) > 1
+    longest = len(batch[0].ids)
+    static = engine.static
+    prefix = shared_prefix_length([row.ids for row in batch])
+    assert prefix > 0
+    input_ids, mask = static._laid_out(groups, longest, prefix)
+    with torch.inference_mode():
+        cache = static._prefill(groups, input_ids, mask, prefix)
+    assert cache.get_seq_length() == longest - 1
+    keys = cache.layers[0].keys
+    assert keys.shape[0] == len(batch) and keys.shape[2] == longest - 1 + 5
+    group_columns = torch.zeros(keys.shape[0], keys.shape[2], dtype=torch.bool)
+    first = 0
+    for group in groups:
+        group_columns[first:first + len(group), longest - len(group[0].ids):longest - 1] = True
+        first += len(group)
+    prompt_tokens = torch.zeros_like(group_columns)
+    prompt_tokens[:, :longest - 1] = mask[:, :longest - 1].bool()
+    for layer in cache.layers:
+        for states in (layer.keys, layer.values):
+            assert torch.isfinite(states).all()
+            nonzero = states.abs().sum(dim=(1, 3)) > 0
+            assert nonzero[prompt_tokens].all()
+            assert not nonzero[~group_columns].any()

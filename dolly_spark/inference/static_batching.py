@@ -158,26 +158,24 @@ class StaticBatching(Backend):
         into it in place."""
         longest = input_ids.shape[1]
         prefix_states = self._prefix_states(groups[0][0].ids[:prefix]) if prefix else None
-        # Per layer, the keys and values of every row, laid out over ``longest - 1`` positions:
-        # each group's states are copied once into their rows, nothing is padded or concatenated.
-        layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # Each group's keys and values are written straight into the preallocated cache, which
+        # starts zeroed (padding is masked out, but must be finite: a masked NaN still poisons
+        # the sum). Nothing is laid out twice: the prefill's peak holds one cache, not two.
+        cache = StaticCache(config=self.model.config, max_cache_len=longest - 1 + self.settings.max_new_tokens)
         total_rows, first_row = sum(len(group) for group in groups), 0
         for group in groups:
             rows, shift = slice(first_row, first_row + len(group)), longest - len(group[0].ids)
             # From the group's first column: its prefix, then its rows' own tokens left-padded.
             group_states = self._group_states(input_ids[rows, shift + prefix:], mask[rows, shift:], prefix, prefix_states)
-            for index, states_pair in enumerate(group_states):
-                if len(layers) <= index:  # first group: allocate the layer's padded states
-                    layers.append(tuple(states.new_empty((total_rows, states.shape[1], longest - 1, states.shape[3]))
-                                        for states in states_pair))
-                for padded, states in zip(layers[index], states_pair):
-                    # Padding is masked out, but must be finite: a masked NaN still poisons the sum.
-                    padded[rows, :, :shift] = 0
-                    padded[rows, :, shift:] = states
+            if first_row == 0:
+                keys, values = group_states[0]
+                cache.early_initialization(total_rows, keys.shape[1], keys.shape[3], keys.dtype, keys.device)
+            for layer, (keys, values) in zip(cache.layers, group_states):
+                layer.keys[rows, :, shift:longest - 1] = keys
+                layer.values[rows, :, shift:longest - 1] = values
             first_row += len(group)
-        cache = StaticCache(config=self.model.config, max_cache_len=longest - 1 + self.settings.max_new_tokens)
-        for index, (keys, values) in enumerate(layers):
-            cache.update(keys, values, index)
+        for layer in cache.layers:  # what update() counts: generate continues from column longest - 1
+            layer.cumulative_length.fill_(longest - 1)
         return cache
 
     def _prefix_states(self, prefix_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
