@@ -43,7 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-batch-rows", type=int, default=64, help="engine micro-batch row cap, for (a) and (d)")
     parser.add_argument("--mlflow-batch-sizes", default="1,8,16",
                         help="comma-separated pipeline batch sizes for (b); a/b is taken against the fastest")
-    parser.add_argument("--long-instruction", action=argparse.BooleanOptionalAction, default=False,
+    parser.add_argument("--long-instruction", action=argparse.BooleanOptionalAction, default=True,
                         help="also run (a) and (d) with the workload's long instruction (about 150 tokens)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where latest.md and latest.json go")
     args = parser.parse_args(argv)
