@@ -41,6 +41,19 @@ def test_prompt_and_padding_are_not_counted():
     assert out[0, 5] == 1.0 and out[1, 0] == 1.0 and out[1, 8] == 1.0  # prompt and padding: not
 
 
+def test_scores_passed_in_are_left_as_they_are_and_a_grammar_keeps_a_row_its_last_token():
+    # Row 0's answer 4 5 4 bans 5 (it would repeat the bigram "4 5"); a grammar left it only 5,
+    # which the row then keeps, penalized as a token its answer holds.
+    ids = torch.tensor([[9, 4, 5, 4]])
+    scores = torch.full((1, 10), float("-inf"))
+    scores[0, 5] = 1.0
+    unconstrained = RepetitionControl(1, 1, 1.5, 2)(ids, scores)
+    assert scores[0, 5] == 1.0  # a new tensor came back; the caller's is untouched
+    assert torch.isinf(unconstrained).all()
+    constrained = RepetitionControl(1, 1, 1.5, 2, constrained=True)(ids, scores)
+    assert constrained[0, 5] == pytest.approx(1.0 / 1.5) and torch.isinf(constrained[0, :5]).all()
+
+
 @pytest.mark.parametrize("reuse_prefix", [True, False])
 def test_batched_answers_equal_one_row_at_a_time_with_repetition_control(tiny_model, reuse_prefix):
     settings = GenerationSettings(max_new_tokens=12, token_budget=100_000, repetition_penalty=1.3,

@@ -91,7 +91,8 @@ class StaticBatching(Backend):
             processors.append(self.grammar.constraint(len(batch), longest))
         if self.settings.controls_repetition:  # before sampling: it shapes what is sampled from
             processors.append(RepetitionControl(len(batch), longest, self.settings.repetition_penalty,
-                                                self.settings.no_repeat_ngram_size))
+                                                self.settings.no_repeat_ngram_size,
+                                                constrained=self.grammar is not None))
         if self.settings.sampling:
             processors.append(RowSeededSampler([row.seed for row in batch], self.settings, self.device))
         with torch.inference_mode(), variable_shape_attention(self.device):
