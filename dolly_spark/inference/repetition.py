@@ -45,11 +45,11 @@ class RepetitionControl(LogitsProcessor):
             values = scores[penalized]
             scores[penalized] = torch.where(values < 0, values * self.penalty, values / self.penalty)
         if banned is not None:
-            allowed = scores.clone() if self.constrained else scores
+            # Under a grammar a row may have only banned tokens left; it then keeps them, as a
+            # row must write something. Without one, the model's scores are all finite.
+            allowed = scores.clone() if self.constrained else None
             scores[banned] = float("-inf")
-            if self.constrained:
-                # Under a grammar a row may have only banned tokens left; it then keeps them,
-                # as a row must write something.
+            if allowed is not None:
                 stuck = torch.isinf(scores).all(dim=-1, keepdim=True)
                 scores = torch.where(stuck, allowed, scores)
         return scores
