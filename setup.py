@@ -23,6 +23,8 @@ INSTALL_REQUIRES = [
     "pyarrow>=11,<27",
     "pyyaml>=6,<7",
     "filelock>=3.12,<5",
+    # Free memory before packing weights for decoding; accelerate depends on it already.
+    "psutil>=5.9,<8",
     "rouge-score>=0.1.2,<0.2",
     # JSON-schema constrained generation (json_schema answers); Rust, no Python dependencies.
     "llguidance>=1.9,<2",

@@ -6,6 +6,8 @@
   prompt prefix a micro-batch shares;
 - ``generators``: the backend interface, and what every backend shares;
 - ``static_batching`` and ``continuous_batching``: the two backends;
+- ``packed_weights``: on a CPU, decoding steps on weights packed once for MKL's GEMM kernel;
+- ``repetition``: repetition penalty and n-gram ban over each row's own answer;
 - ``parser``: generated tokens to a response and a finish reason (and a JSON answer's check);
 - ``choices``: classification by scoring each row's prompt against a fixed label set;
 - ``constrained``: the JSON-schema grammar (llguidance) that masks what a row may generate.

@@ -22,6 +22,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, Sta
 from dolly_spark.devices import variable_shape_attention
 from dolly_spark.inference.encoder import EncodedRow
 from dolly_spark.inference.generators import Backend, generation_config
+from dolly_spark.inference.packed_weights import packed_weights_for
 from dolly_spark.inference.planner import prefill_groups, shared_prefix_length
 from dolly_spark.inference.repetition import RepetitionControl
 from dolly_spark.inference.results import GenerationSettings
@@ -76,6 +77,7 @@ class StaticBatching(Backend):
         # A sliding-window layer keeps only its last window of keys: a cache built here from
         # whole prompts would not fit it, so such models leave the whole prefill to generate.
         self.prefills_itself = not has_sliding_window(self.model.config)
+        self.packed_weights = packed_weights_for(self.model)
 
     def generate(self, batch: list[EncodedRow], attention: AttentionSwitch) -> list[list[int]]:
         """``attention`` switches the model to the ragged decoding attention for one generate
@@ -105,7 +107,8 @@ class StaticBatching(Backend):
             if cache is None:
                 # A preallocated cache: a growing one copies itself at every decoding step.
                 config.cache_implementation = "static"
-            with attention(self.model, self._cache_layout(groups, longest, prefilled=cache is not None)):
+            with (attention(self.model, self._cache_layout(groups, longest, prefilled=cache is not None)),
+                  self.packed_weights.decoding(len(batch), self.settings.max_new_tokens)):
                 output = self.model.generate(
                     input_ids=input_ids,
                     attention_mask=mask,
