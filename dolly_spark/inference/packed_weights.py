@@ -57,10 +57,11 @@ class PackedWeights:
     on the model (``packed_weights_for``)."""
 
     def __init__(self, model: Any):
-        self.linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
-        first = next(model.parameters())
-        self.usable = (first.device.type == "cpu" and first.dtype == torch.float32 and bool(self.linears)
-                       and mkl_packing_available())
+        # Plain linear layers only: a subclass (a quantized or adapter layer) computes something
+        # else than F.linear, which the packed forward stands in for.
+        self.linears = [module for module in model.modules() if type(module) is torch.nn.Linear
+                        and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32]
+        self.usable = bool(self.linears) and mkl_packing_available()
         # (row count, id(linear) -> its weight packed for it), replaced whole, never changed in place
         self.current: tuple[int, dict[int, torch.Tensor]] = (0, {})
         self.exact_shapes: dict[int, set[Shape]] = {}  # row count -> shapes whose packed products are exact
