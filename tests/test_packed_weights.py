@@ -29,7 +29,7 @@ def test_packed_products_are_plain_ones_to_the_last_bit_and_the_layers_are_resto
         packed = PackedWeights(model)
         with packed.decoding(rows, steps=MIN_STEPS) as used:
             layers_packed = [shape_of(linear) in packed.exact_shapes[rows] for linear in packed.linears]
-            assert packed.current[0] == rows and len(packed.current[1]) == sum(layers_packed)
+            assert len(packed.current.by_linear) == sum(layers_packed)
             patched = ["forward" in linear.__dict__ for linear in packed.linears]
             inside, inside_other = model(inputs), model(other)
     assert used == any(layers_packed)
@@ -43,11 +43,29 @@ def test_packed_products_are_plain_ones_to_the_last_bit_and_the_layers_are_resto
 def test_a_second_micro_batch_of_as_many_rows_reuses_the_packs_and_another_row_count_replaces_them():
     packed = PackedWeights(two_layers())
     with packed.decoding(16, steps=32):
-        rows, first = packed.current
+        first = packed.current.by_linear
     with packed.decoding(16, steps=32):
-        assert packed.current[1] is first
+        assert packed.current.by_linear is first
     with packed.decoding(20, steps=32):
-        assert packed.current[0] == 20 and not set(map(id, packed.current[1].values())) & set(map(id, first.values()))
+        assert packed.current.rows == 20 and not set(map(id, packed.current.by_linear.values())) & set(map(id, first.values()))
+
+
+def test_packs_are_made_again_when_the_weights_change_and_dropped_when_the_model_leaves_fp32():
+    model = two_layers()
+    packed = PackedWeights(model)
+    inputs = torch.randn(16, 576)
+    with packed.decoding(16, steps=32):
+        first = packed.current.by_linear
+    with torch.no_grad():
+        model[0].weight.mul_(2)  # trained in place: same tensor, new values
+    with torch.inference_mode():
+        plain = model(inputs)
+        with packed.decoding(16, steps=32) as used:
+            assert used and packed.current.by_linear is not first
+            assert torch.equal(model(inputs), plain)
+    model.to(torch.bfloat16)
+    with packed.decoding(16, steps=32) as used:
+        assert not used and not packed.current.by_linear
 
 
 def test_engines_on_one_model_share_its_packs(tiny_llama):
@@ -86,7 +104,7 @@ def test_greedy_answers_are_identical_with_packed_and_unpacked_weights(model_and
         return engine.static.packed_weights, [(r.response, r.finish_reason, r.completion_tokens) for r in results]
 
     packed, with_packs = answers()
-    assert packed.current[0] == len(tickets) and packed.current[1]  # one micro-batch of 20 rows, decoded packed
+    assert packed.current.rows == len(tickets) and packed.current.by_linear  # one micro-batch of 20 rows, decoded packed
     monkeypatch.setattr(packed_weights, "MIN_STEPS", 10 ** 6)  # no generation is long enough to pack
     _, without = answers()
     assert with_packs == without

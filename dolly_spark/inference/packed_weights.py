@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 import weakref
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import psutil
 import torch
@@ -52,6 +52,15 @@ def shape_of(linear: torch.nn.Linear) -> Shape:
     return linear.out_features, linear.in_features, linear.bias is not None
 
 
+class Packs(NamedTuple):
+    state: tuple  # the weights' state they were packed from (``_weight_state``, layer by layer)
+    rows: int
+    by_linear: dict[int, torch.Tensor]  # id(linear) -> its weight packed for ``rows`` rows
+
+
+NO_PACKS = Packs((), 0, {})
+
+
 class PackedWeights:
     """One model's linear weights packed for one row count at a time, shared by every engine
     on the model (``packed_weights_for``)."""
@@ -59,13 +68,17 @@ class PackedWeights:
     def __init__(self, model: Any):
         # Plain linear layers only: a subclass (a quantized or adapter layer) computes something
         # else than F.linear, which the packed forward stands in for.
-        self.linears = [module for module in model.modules() if type(module) is torch.nn.Linear
-                        and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32]
-        self.usable = bool(self.linears) and mkl_packing_available()
-        # (row count, id(linear) -> its weight packed for it), replaced whole, never changed in place
-        self.current: tuple[int, dict[int, torch.Tensor]] = (0, {})
+        self.plain_linears = [module for module in model.modules() if type(module) is torch.nn.Linear]
+        self.current = NO_PACKS  # replaced whole, never changed in place
         self.exact_shapes: dict[int, set[Shape]] = {}  # row count -> shapes whose packed products are exact
         self._lock = threading.Lock()
+
+    @property
+    def linears(self) -> list[torch.nn.Linear]:
+        """The layers that can be packed now: fp32 on the CPU (a model can be moved or cast
+        after its first engine was built)."""
+        return [linear for linear in self.plain_linears
+                if linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32]
 
     @contextlib.contextmanager
     def decoding(self, rows: int, steps: int) -> Iterator[bool]:
@@ -75,9 +88,8 @@ class PackedWeights:
         whether packed weights are in use."""
         with self._lock:
             packs = self._packs(rows, steps)
-        forwards = {id(linear): _packed_forward(linear, packs[id(linear)], rows)
-                    for linear in self.linears if id(linear) in packs}
-        packed = [linear for linear in self.linears if id(linear) in forwards]
+        packed = [linear for linear in self.plain_linears if id(linear) in packs]
+        forwards = {id(linear): _packed_forward(linear, packs[id(linear)], rows) for linear in packed}
         for linear in packed:
             linear.forward = forwards[id(linear)]
         try:
@@ -90,39 +102,57 @@ class PackedWeights:
                     del linear.forward
 
     def _packs(self, rows: int, steps: int) -> dict[int, torch.Tensor]:
-        if not self.usable or steps < MIN_STEPS:
+        if steps < MIN_STEPS:
+            return {}  # the packs stay for the next longer generation
+        linears = self.linears
+        if not linears or not mkl_packing_available():
+            self.current = NO_PACKS
             return {}
-        if rows == self.current[0]:
-            return self.current[1]
-        self.current = (0, {})  # the previous row count's packs go before new ones are made
-        weight_bytes = sum(linear.weight.numel() * linear.weight.element_size() for linear in self.linears)
+        # A pack is a copy: weights changed since (trained in place, loaded over, moved) make it stale.
+        state = tuple(_weight_state(linear.weight) for linear in linears)
+        if (state, rows) == (self.current.state, self.current.rows):
+            return self.current.by_linear
+        self.current = NO_PACKS  # the previous packs go before new ones are made
+        weight_bytes = sum(linear.weight.numel() * linear.weight.element_size() for linear in linears)
         if weight_bytes > MAX_SHARE_OF_AVAILABLE_MEMORY * psutil.virtual_memory().available:
-            log.info("decoding with unpacked weights: packing %.0f MB of weights would take more than %d%% of "
+            log.debug("decoding with unpacked weights: packing %.0f MB of weights would take more than %d%% of "
                      "the memory available", weight_bytes / 1e6, MAX_SHARE_OF_AVAILABLE_MEMORY * 100)
             return {}
         if rows not in self.exact_shapes:
-            self.exact_shapes[rows] = self._exact_shapes(rows)
+            self.exact_shapes[rows] = _exact_shapes(linears, rows)
         started = time.perf_counter()
         with torch.inference_mode():
             packs = {id(linear): torch.ops.mkl._mkl_reorder_linear_weight(linear.weight, rows)
-                     for linear in self.linears if shape_of(linear) in self.exact_shapes[rows]}
-        self.current = (rows, packs)
+                     for linear in linears if shape_of(linear) in self.exact_shapes[rows]}
+        self.current = Packs(state, rows, packs)
         log.debug("packed %d of %d weight matrices for %d-row decoding steps in %.2f s", len(packs),
-                  len(self.linears), rows, time.perf_counter() - started)
+                  len(linears), rows, time.perf_counter() - started)
         return packs
 
-    def _exact_shapes(self, rows: int) -> set[Shape]:
-        """The model's weight shapes whose packed products of ``rows`` rows equal ``F.linear``'s
-        to the last bit on this CPU. MKL picks its kernel by the matrices' sizes: for a few rows,
-        or for many rows and a long inner dimension, the unpacked product is not the packed one."""
-        exact = set()
-        with torch.inference_mode():
-            for shape, linear in {shape_of(linear): linear for linear in self.linears}.items():
-                probe = torch.randn(rows, linear.in_features, generator=torch.Generator().manual_seed(rows))
-                packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight, rows)
-                if torch.equal(_packed_forward(linear, packed, rows)(probe), F.linear(probe, linear.weight, linear.bias)):
-                    exact.add(shape)
-        return exact
+
+def _weight_state(weight: torch.Tensor) -> tuple:
+    """What changes when a weight does: its storage, and the count of its in-place changes
+    (tensors made under inference mode keep none; they cannot change outside it either)."""
+    try:
+        version = weight._version
+    except RuntimeError:
+        version = None
+    return id(weight), weight.data_ptr(), version
+
+
+def _exact_shapes(linears: list[torch.nn.Linear], rows: int) -> set[Shape]:
+    """The weight shapes among ``linears`` whose packed products of ``rows`` rows equal
+    ``F.linear``'s to the last bit on this CPU. MKL picks its kernel by the matrices' sizes: for
+    a few rows, or for many rows and a long inner dimension, the unpacked product is not the
+    packed one."""
+    exact = set()
+    with torch.inference_mode():
+        for shape, linear in {shape_of(linear): linear for linear in linears}.items():
+            probe = torch.randn(rows, linear.in_features, generator=torch.Generator().manual_seed(rows))
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight, rows)
+            if torch.equal(_packed_forward(linear, packed, rows)(probe), F.linear(probe, linear.weight, linear.bias)):
+                exact.add(shape)
+    return exact
 
 
 def _packed_forward(linear: torch.nn.Linear, packed: torch.Tensor, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
