@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Sequence
 
-from dolly_spark.config import load_config
+from dolly_spark.job_config import load_config
 
 # Short summaries keep the demo to a couple of minutes on a laptop CPU; flags given to
 # `dolly-spark demo` come later on the command line and override these.
@@ -23,7 +23,7 @@ DEMO_FLAGS = ["--max-new-tokens", "48"]
 
 def _start_job(config_cls, argv: Sequence[str] | None, prog: str, description: str):
     """Parse the job's config (defaults < YAML < flags), set up logging and MLflow; return the config."""
-    from dolly_spark.tracking import configure_mlflow
+    from dolly_spark.lifecycle.tracking import configure_mlflow
 
     config = load_config(config_cls, argv, prog, description)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -35,8 +35,8 @@ def _start_job(config_cls, argv: Sequence[str] | None, prog: str, description: s
 
 def summarize_main(argv: Sequence[str] | None = None) -> int:
     """spark-submit jobs/summarize_tickets.py: summarize new tickets into the target table."""
-    from dolly_spark.summarize import SummarizeConfig, run_summarize
-    from dolly_spark.sessions import get_spark
+    from dolly_spark.batch.summarize import SummarizeConfig, run_summarize
+    from dolly_spark.spark.sessions import get_spark
 
     config = _start_job(SummarizeConfig, argv, "summarize_tickets",
                         "Summarize support tickets from a Delta table into another, incrementally.")
@@ -55,10 +55,11 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
     """The main job on the embedded default: local Spark and Delta, the local registry, the demo
     model. Summarizes the sample tickets, then triages them (a scored category and extracted
     fields) into the demo's triage table."""
-    from dolly_spark.demo import (DEMO_TRIAGE_TABLE, ensure_demo_model_registered, ensure_sample_tickets_table,
+    from dolly_spark.batch.demo import (DEMO_TRIAGE_TABLE, ensure_demo_model_registered, ensure_sample_tickets_table,
                                   triage_accuracy, triage_config)
-    from dolly_spark.summarize import SummarizeConfig, preview, run_summarize
-    from dolly_spark.sessions import get_spark
+    from dolly_spark.batch.preview import preview
+    from dolly_spark.batch.summarize import SummarizeConfig, run_summarize
+    from dolly_spark.spark.sessions import get_spark
 
     started = time.perf_counter()
     config = _start_job(SummarizeConfig, [*DEMO_FLAGS, *(argv or [])],
@@ -117,7 +118,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
 
 def setup_spark_main(argv: Sequence[str] | None = None) -> int:
     """Write Delta Lake's package and settings into the local Spark's spark-defaults.conf."""
-    from dolly_spark.spark_install import read_defaults, setup_spark
+    from dolly_spark.spark.install import read_defaults, setup_spark
 
     if argv:
         print("usage: dolly-spark setup-spark   (no options; set SPARK_CONF_DIR to write elsewhere)")

@@ -33,7 +33,7 @@ dbutils.library.restartPython()
 # COMMAND ----------
 
 from dolly_spark import apply_instruction, configure_mlflow
-from dolly_spark.config import parse_list
+from dolly_spark.job_config import parse_list
 
 dbutils.widgets.text("source_table", "support_tickets", "Source table (catalog.schema.table)")
 dbutils.widgets.text("instruction", "Summarize this text in one sentence.", "Instruction")

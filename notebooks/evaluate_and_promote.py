@@ -20,7 +20,7 @@ dbutils.library.restartPython()
 
 # COMMAND ----------
 
-from dolly_spark.tracking import configure_mlflow
+from dolly_spark.lifecycle.tracking import configure_mlflow
 from dolly_spark.training.evaluate import EvaluateConfig, run_evaluate_and_promote
 
 defaults = EvaluateConfig()

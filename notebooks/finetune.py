@@ -20,7 +20,7 @@ dbutils.library.restartPython()
 
 # COMMAND ----------
 
-from dolly_spark.tracking import configure_mlflow
+from dolly_spark.lifecycle.tracking import configure_mlflow
 from dolly_spark.training.finetune import FinetuneConfig, run_finetune
 
 defaults = FinetuneConfig()
@@ -29,7 +29,7 @@ dbutils.widgets.text("train_data", defaults.train_data, "Training records: Delta
 dbutils.widgets.text("model_name", defaults.model_name, "Registered model (catalog.schema.model)")
 dbutils.widgets.dropdown("prompt_format", defaults.prompt_format, ["auto", "dolly", "chat"], "Format trained in")
 dbutils.widgets.text("epochs", str(defaults.epochs), "Passes over the training records")
-dbutils.widgets.text("max_steps", str(defaults.max_steps), "Cap on optimizer steps (0: none)")
+dbutils.widgets.text("max_steps", str(defaults.max_steps), "Optimizer steps, overriding epochs (0: the epochs decide)")
 dbutils.widgets.text("max_eval_records", str(defaults.max_eval_records), "Held-out records scored before and after")
 dbutils.widgets.text("experiment", defaults.experiment, "MLflow experiment")
 

@@ -19,8 +19,9 @@ dbutils.library.restartPython()
 
 # COMMAND ----------
 
-from dolly_spark.summarize import SummarizeConfig, preview, run_summarize
-from dolly_spark.tracking import configure_mlflow
+from dolly_spark.batch.preview import preview
+from dolly_spark.batch.summarize import SummarizeConfig, run_summarize
+from dolly_spark.lifecycle.tracking import configure_mlflow
 
 defaults = SummarizeConfig()
 dbutils.widgets.text("source_table", defaults.source_table, "Source table (catalog.schema.table)")

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# Test modules live in folders that mirror the package's wings; the helpers shared by all of
+# them (this file, project_home, standalone_cluster) are imported by name from here.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dolly15k_sample.jsonl"
 PACKAGE_TICKETS = Path(__file__).resolve().parents[1] / "dolly_spark" / "data" / "sample_tickets.jsonl"
@@ -29,7 +34,7 @@ def project_home(tmp_path_factory) -> Path:
 def spark(project_home):
     """The session's Spark with Delta: local[2], UI off, 2 shuffle partitions, UTC. Never stopped
     between tests."""
-    from dolly_spark.sessions import get_spark
+    from dolly_spark.spark.sessions import get_spark
 
     session = get_spark(
         app_name="dolly_spark-tests",
@@ -82,7 +87,7 @@ def tokenizer_corpus() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved tiny GPT-NeoX checkpoint with a tokenizer trained on the spot (Dolly tokens added)."""
-    from dolly_spark.testing import save_tiny_model
+    from dolly_spark.testing.tiny_models import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny_model"), tokenizer_corpus())
 
@@ -113,7 +118,7 @@ def tiny_llama(tiny_model):
 @pytest.fixture(scope="module")
 def registered_tiny(mlflow_registry, tiny_model):
     """The tiny model registered as version 1 of "tiny_dolly" with alias champion."""
-    from dolly_spark.registry import CHAMPION, log_and_register
+    from dolly_spark.lifecycle.registry import CHAMPION, log_and_register
 
     model, tokenizer = tiny_model
     version = log_and_register(model, tokenizer, "tiny_dolly", "dolly", alias=CHAMPION, max_new_tokens=16)

@@ -9,10 +9,10 @@ import sys
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dolly_spark.demo import ensure_sample_tickets_table
-from dolly_spark.registry import CHAMPION, log_and_register
-from dolly_spark.sessions import get_spark
-from dolly_spark.tracking import configure_mlflow
+from dolly_spark.batch.demo import ensure_sample_tickets_table
+from dolly_spark.lifecycle.registry import CHAMPION, log_and_register
+from dolly_spark.spark.sessions import get_spark
+from dolly_spark.lifecycle.tracking import configure_mlflow
 
 if __name__ == "__main__":
     model_dir = sys.argv[1]

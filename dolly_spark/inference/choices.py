@@ -17,9 +17,9 @@ from typing import Any, Sequence
 import torch
 from transformers import DynamicCache
 
+from dolly_spark.inference.backend import cache_argument
 from dolly_spark.inference.encoder import EncodedRow
 from dolly_spark.inference.results import FINISH_STOP, EngineStats, InstructionResult
-from dolly_spark.inference.static_batching import cache_argument
 
 # Logits scored at once: a chunk of positions × vocabulary in float32 stays near 256 MiB.
 _LOGIT_CHUNK_ELEMENTS = 64 * 1024 * 1024

@@ -8,12 +8,12 @@ import gc
 import torch
 
 from dolly_spark.inference.encoder import EncodedRow
-from dolly_spark.inference.generators import Backend, generation_config
+from dolly_spark.inference.backend import Backend, generation_config
 
 
 class ContinuousBatching(Backend):
     def generate(self, batch: list[EncodedRow]) -> list[list[int]]:
-        config = generation_config(self.settings, self.stop_ids, self.pad_id)
+        config = generation_config(self.request.max_new_tokens, self.stop_ids, self.pad_id)
         try:
             # no_grad, not inference_mode: the manager runs its loop in a thread of its own, and
             # some transformers versions update there, in place, tensors made in this thread.

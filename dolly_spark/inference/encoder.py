@@ -6,8 +6,10 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from dolly_spark.inference.results import FINISH_ERROR, GenerationSettings, InstructionResult
+from dolly_spark.inference.engines import EngineConfig
+from dolly_spark.inference.results import FINISH_ERROR, InstructionResult
 from dolly_spark.prompts import PromptFormat, encode_segments, has_context
+from dolly_spark.request import Request
 
 # More characters per token than any natural text averages (English prose is about 4, code
 # about 3). An input longer than this many characters per allowed token is clearly over the
@@ -46,7 +48,8 @@ def context_window(model: Any, tokenizer: Any) -> int:
     raise ValueError("cannot tell the model's context window; set max_position_embeddings in its config")
 
 
-def prompt_limit(settings: GenerationSettings, window: int, choice_tokens: int | None = None) -> tuple[int, str]:
+def prompt_limit(request: Request, config: EngineConfig, window: int,
+                 choice_tokens: int | None = None) -> tuple[int, str]:
     """The most prompt tokens a row may have, and which limit that is, in words: the least of
     ``max_input_tokens``, the context window and the token budget, the last two less
     ``max_new_tokens`` (a row's answer needs room in both).
@@ -54,14 +57,14 @@ def prompt_limit(settings: GenerationSettings, window: int, choice_tokens: int |
     With ``choice_tokens`` (the longest choice a row is scored on) the answer is that many
     tokens instead, and the token budget is shared by one copy of the row per choice."""
     if choice_tokens is None:
-        new, answer = settings.max_new_tokens, f"max_new_tokens={settings.max_new_tokens}"
-        budget, budget_text = settings.token_budget, f"token_budget={settings.token_budget}"
+        new, answer = request.max_new_tokens, f"max_new_tokens={request.max_new_tokens}"
+        budget, budget_text = config.token_budget, f"token_budget={config.token_budget}"
     else:
         new, answer = choice_tokens, f"the longest choice's {choice_tokens} tokens"
-        count = len(settings.choices)
-        budget, budget_text = settings.token_budget // count, f"token_budget={settings.token_budget} / {count} choices"
+        count = len(request.choices)
+        budget, budget_text = config.token_budget // count, f"token_budget={config.token_budget} / {count} choices"
     limits = {
-        f"max_input_tokens={settings.max_input_tokens}": settings.max_input_tokens,
+        f"max_input_tokens={request.max_input_tokens}": request.max_input_tokens,
         f"the model's context window of {window} minus {answer}": window - new,
         f"{budget_text} minus {answer}": budget - new,
     }

@@ -13,20 +13,19 @@ one-row prompt and greedy answers are those of each row alone.
 """
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StaticCache
 
-from dolly_spark.devices import variable_shape_attention
+from dolly_spark.inference.devices import variable_shape_attention
 from dolly_spark.inference.encoder import EncodedRow
-from dolly_spark.inference.generators import Backend, generation_config
+from dolly_spark.inference.backend import Backend, cache_argument, generation_config
 from dolly_spark.inference.packed_weights import packed_weights_for
 from dolly_spark.inference.planner import prefill_groups, shared_prefix_length
 from dolly_spark.inference.repetition import RepetitionControl
-from dolly_spark.inference.results import GenerationSettings
-from dolly_spark.ragged_attention import CacheLayout, has_sliding_window
+from dolly_spark.inference.ragged_attention import CacheLayout, has_sliding_window
+from dolly_spark.request import Request
 
 if TYPE_CHECKING:  # llguidance is imported only by engines that constrain answers
     from dolly_spark.inference.constrained import JsonGrammar
@@ -39,19 +38,19 @@ class RowSeededSampler(LogitsProcessor):
     not on which rows share its micro-batch. Returns one-hot scores that greedy decoding then
     follows."""
 
-    def __init__(self, seeds: list[int], settings: GenerationSettings, device: torch.device):
+    def __init__(self, seeds: list[int], request: Request, device: torch.device):
         self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
-        self.settings = settings
+        self.request = request
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        logits = scores.float() / self.settings.temperature
-        if self.settings.top_k > 0:
-            kth = torch.topk(logits, min(self.settings.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = scores.float() / self.request.temperature
+        if self.request.top_k > 0:
+            kth = torch.topk(logits, min(self.request.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.settings.top_p < 1.0:
+        if self.request.top_p < 1.0:
             sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
             cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-            drop = cumulative - sorted_logits.softmax(dim=-1) >= self.settings.top_p
+            drop = cumulative - sorted_logits.softmax(dim=-1) >= self.request.top_p
             logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
         probs = logits.softmax(dim=-1)
         chosen = torch.cat(
@@ -60,12 +59,6 @@ class RowSeededSampler(LogitsProcessor):
         one_hot = torch.full_like(scores, float("-inf"))
         one_hot[torch.arange(len(chosen)), chosen] = 0.0
         return one_hot
-
-
-def cache_argument(model: Any) -> str:
-    """The keyword a model's forward (and generate) takes a KV cache under: ``cache`` in newer
-    transformers, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class StaticBatching(Backend):
@@ -81,34 +74,34 @@ class StaticBatching(Backend):
 
     def generate(self, batch: list[EncodedRow], attention: AttentionSwitch) -> list[list[int]]:
         """``attention`` switches the model to the ragged decoding attention for one generate
-        call (see ``dolly_spark.ragged_attention``)."""
+        call (see ``dolly_spark.inference.ragged_attention``)."""
         longest = max(len(row.ids) for row in batch)
         prefix = (shared_prefix_length([row.ids for row in batch])
-                  if self.settings.reuse_prefix and self.prefills_itself else 0)
-        ratio = self.settings.min_length_ratio if self.prefills_itself else 0.0
+                  if self.config.reuse_prefix and self.prefills_itself else 0)
+        ratio = self.config.min_length_ratio if self.prefills_itself else 0.0
         groups = [[batch[p] for p in group] for group in prefill_groups([len(row.ids) for row in batch], ratio)]
         input_ids, mask = (tensor.to(self.device) for tensor in self._laid_out(groups, longest, prefix))
         processors = LogitsProcessorList()
         if self.grammar is not None:  # first: repetition control never bans the grammar's only token
             processors.append(self.grammar.constraint(len(batch), longest))
-        if self.settings.controls_repetition:  # before sampling: it shapes what is sampled from
-            processors.append(RepetitionControl(len(batch), longest, self.settings.repetition_penalty,
-                                                self.settings.no_repeat_ngram_size,
+        if self.request.controls_repetition:  # before sampling: it shapes what is sampled from
+            processors.append(RepetitionControl(len(batch), longest, self.request.repetition_penalty,
+                                                self.request.no_repeat_ngram_size,
                                                 constrained=self.grammar is not None))
-        if self.settings.sampling:
-            processors.append(RowSeededSampler([row.seed for row in batch], self.settings, self.device))
+        if self.request.sampling:
+            processors.append(RowSeededSampler([row.seed for row in batch], self.request, self.device))
         with torch.inference_mode(), variable_shape_attention(self.device):
             # Padding is computed like real tokens, and on a CPU, compute-bound at a few rows,
             # a prompt padded to twice its length costs twice as much. So prompts of similar
             # length are prefilled together, and the micro-batch then decodes as one batch:
             # decoding re-reads every weight per step, which a larger batch shares.
             cache = self._prefill(groups, input_ids, mask, prefix) if prefix or len(groups) > 1 else None
-            config = generation_config(self.settings, self.stop_ids, self.pad_id)
+            config = generation_config(self.request.max_new_tokens, self.stop_ids, self.pad_id)
             if cache is None:
                 # A preallocated cache: a growing one copies itself at every decoding step.
                 config.cache_implementation = "static"
             with (attention(self.model, self._cache_layout(groups, longest, prefilled=cache is not None)),
-                  self.packed_weights.decoding(len(batch), self.settings.max_new_tokens)):
+                  self.packed_weights.decoding(len(batch), self.request.max_new_tokens)):
                 output = self.model.generate(
                     input_ids=input_ids,
                     attention_mask=mask,
@@ -165,7 +158,7 @@ class StaticBatching(Backend):
         # Each group's keys and values are written straight into the preallocated cache, which
         # starts zeroed (padding is masked out, but must be finite: a masked NaN still poisons
         # the sum). Nothing is laid out twice: the prefill's peak holds one cache, not two.
-        cache = StaticCache(config=self.model.config, max_cache_len=longest - 1 + self.settings.max_new_tokens)
+        cache = StaticCache(config=self.model.config, max_cache_len=longest - 1 + self.request.max_new_tokens)
         total_rows, first_row = sum(len(group) for group in groups), 0
         for group in groups:
             rows, shift = slice(first_row, first_row + len(group)), longest - len(group[0].ids)

@@ -39,15 +39,15 @@ def load_base_model(base_model: str) -> BaseModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dolly_spark.models import local_model_paths
-    from dolly_spark.registry import registered_repetition, resolve_model
+    from dolly_spark.lifecycle.loader import local_model_paths
+    from dolly_spark.lifecycle.registry import resolve_model
 
     model_path = tokenizer_path = uri = base_model
     registered_format, repetition = None, {}
     if base_model.startswith("models:/"):
         spec = resolve_model(base_model)
         model_path, tokenizer_path = local_model_paths(spec)
-        uri, registered_format, repetition = spec.uri, spec.prompt_format, registered_repetition(spec)
+        uri, registered_format, repetition = spec.uri, spec.prompt_format, spec.registered_defaults
     elif Path(base_model).expanduser().exists():
         uri = str(Path(base_model).expanduser().resolve())
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)

@@ -61,8 +61,8 @@ def load_records(train_data: str, spark: Any = None, delta_version_as_of: int | 
 
 
 def _load_delta_table(table: str, spark: Any, version_as_of: int | None) -> tuple[list[dict[str, Any]], RecordSource]:
-    from dolly_spark.sessions import get_spark
-    from dolly_spark.tables import delta_version, require_columns, require_table
+    from dolly_spark.spark.sessions import get_spark
+    from dolly_spark.spark.tables import delta_version, require_columns, require_table
 
     spark = spark or get_spark("dolly_spark-finetune")
     df = require_table(spark, table, "training table")

@@ -14,8 +14,8 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from dolly_spark.config import option
-from dolly_spark.registry import CHALLENGER, CHAMPION, alias_version, set_alias
+from dolly_spark.job_config import option
+from dolly_spark.lifecycle.registry import CHALLENGER, CHAMPION, alias_version, set_alias
 from dolly_spark.training.base_model import load_base_model
 from dolly_spark.training.data import load_records, stratified_split, validate_records
 from dolly_spark.training.model_scoring import category_chart, flat_metrics, score_model

@@ -2,9 +2,9 @@
 
 records → validate → stratified split → score the unmodified base in its own format →
 [Dolly format: special tokens + resized embeddings] → Trainer (loss on the answer and its stop
-only, warm-up then cosine decay, a number of epochs) → [merge LoRA] → score the tuned model in
-the format it learned → log with the transformers flavor → register a new version → alias
-``challenger``.
+only, warm-up then cosine decay, a number of epochs or exactly ``max_steps``) → [merge LoRA] →
+score the tuned model in the format it learned → log with the transformers flavor → register a
+new version → alias ``challenger``.
 
 Two training formats: ``dolly`` (the Dolly v2 prompt and ``### End``, as Dolly was trained from
 pythia; the default for base models) and ``chat`` (the model's own chat template, loss on the
@@ -24,13 +24,15 @@ import mlflow
 import torch
 from transformers import TrainerCallback
 
-from dolly_spark.config import option
-from dolly_spark.prompts import DOLLY_SPECIAL_TOKENS, END_KEY, get_format, stop_token_ids
-from dolly_spark.registry import CHALLENGER, log_and_register
+from dolly_spark.job_config import option
+from dolly_spark.prompts import DOLLY_SPECIAL_TOKENS, get_format, stop_token_ids
+from dolly_spark.lifecycle.registry import CHALLENGER, log_and_register
+from dolly_spark.request import REGISTERED_DEFAULTS, in_effect
 from dolly_spark.training.data import load_records, stratified_split, validate_records
 from dolly_spark.training.examples import encode_examples
 from dolly_spark.training.base_model import load_base_model
 from dolly_spark.training.model_scoring import category_chart, flat_metrics, gain_metrics, score_model
+from dolly_spark.training.tokens import prepare_tokens, training_format
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ class FinetuneConfig:
     prompt_format: str = option("auto", "format trained in: dolly, chat, or auto (chat when the base answers in "
                                         "its chat template, else dolly)")
     epochs: float = option(3.0, "passes over the training records (Dolly used 2-3)")
-    max_steps: int = option(0, "cap on optimizer steps (0: no cap, the epochs decide)")
+    max_steps: int = option(0, "optimizer steps to train for, overriding epochs (0: the epochs decide)")
     learning_rate: float = option(1e-5, "peak learning rate (cosine decay after warm-up)")
     warmup_fraction: float = option(0.05, "share of steps spent warming up the learning rate")
     batch_size: int = option(8, "examples per device per step")
@@ -78,71 +80,14 @@ class FinetuneReport:
     train_seconds: float = 0.0
 
 
-def training_format(requested: str, base_format: str) -> str:
-    """The format to train in: ``requested``, or for "auto" chat when the base answers in its
-    chat template, else dolly."""
-    if requested == "auto":
-        return "chat" if base_format == "chat" else "dolly"
-    if requested not in ("dolly", "chat"):
-        raise ValueError(f"prompt_format must be dolly, chat or auto, not {requested!r}")
-    return requested
-
-
-def prepare_tokens(model: Any, tokenizer: Any, prompt_format: str) -> int:
-    """Make the tokenizer ready to train in ``prompt_format``; return how many tokens were added
-    (the Dolly keys for "dolly"; none for "chat", which keeps the model's own stop)."""
-    if prompt_format == "dolly":
-        return add_dolly_tokens(model, tokenizer)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return 0
-
-
 def optimizer_steps(examples: int, config: FinetuneConfig) -> int:
-    """Steps for ``config.epochs`` passes over ``examples``, capped by ``max_steps`` when set."""
+    """Optimizer steps to train for: ``max_steps`` exactly when it is positive, whatever the epochs
+    (as transformers' ``TrainingArguments.max_steps``); else ``config.epochs`` passes over
+    ``examples``."""
+    if config.max_steps > 0:
+        return config.max_steps
     per_epoch = math.ceil(examples / (config.batch_size * config.gradient_accumulation))
-    steps = max(1, math.ceil(per_epoch * config.epochs))
-    return min(steps, config.max_steps) if config.max_steps > 0 else steps
-
-
-def add_dolly_tokens(model: Any, tokenizer: Any) -> int:
-    """Add the Dolly keys as special tokens (pad = eos when unset) and resize the embeddings;
-    return how many tokens were new. New keys start from what the model already knows (see
-    ``_init_new_key_embeddings``)."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    pieces = {key: tokenizer(key, add_special_tokens=False)["input_ids"] for key in DOLLY_SPECIAL_TOKENS}
-    added = tokenizer.add_special_tokens({"additional_special_tokens": list(DOLLY_SPECIAL_TOKENS)},
-                                         replace_extra_special_tokens=False)
-    if added:
-        model.resize_token_embeddings(len(tokenizer))
-        _init_new_key_embeddings(model, tokenizer, pieces)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return added
-
-
-@torch.no_grad()
-def _init_new_key_embeddings(model: Any, tokenizer: Any, pieces: dict[str, list[int]]) -> None:
-    """Each new key's input embedding is the mean of the tokens its text was made of, and
-    ``### End`` predicts like the model's EOS: a model that already knows when to stop learns the
-    Dolly stop in a few steps instead of from a random row (measured on the demo model, a
-    randomly started ``### End`` was never emitted after a short fine-tune)."""
-    inputs = model.get_input_embeddings().weight
-    outputs = model.get_output_embeddings().weight if model.get_output_embeddings() is not None else None
-    tied = outputs is not None and outputs.data_ptr() == inputs.data_ptr()
-    eos = tokenizer.eos_token_id
-    for key, old_ids in pieces.items():
-        new_id = tokenizer.convert_tokens_to_ids(key)
-        if not old_ids or new_id in old_ids:
-            continue  # the key was already one token
-        like_eos = key == END_KEY and eos is not None
-        if tied:  # one row is both the input and the prediction
-            inputs[new_id] = inputs[eos] if like_eos else inputs[old_ids].mean(dim=0)
-            continue
-        inputs[new_id] = inputs[old_ids].mean(dim=0)
-        if outputs is not None:
-            outputs[new_id] = outputs[eos] if like_eos else outputs[old_ids].mean(dim=0)
+    return max(1, math.ceil(per_epoch * config.epochs))
 
 
 def _with_lora(model: Any, rank: int, train_embeddings: bool) -> Any:
@@ -274,8 +219,9 @@ def run_finetune(config: FinetuneConfig, spark: Any = None) -> FinetuneReport:
                                                      pad_to_multiple_of=8 if torch.cuda.is_available() else None),
                 callbacks=[MlflowStepMetrics()],
             )
-            log.info("training %s in the %s format: %d examples, %d steps (%.3g epochs, max_steps %d)",
-                     config.base_model, trained_format, len(train_set.examples), steps, config.epochs, config.max_steps)
+            length = f"max_steps {config.max_steps}" if config.max_steps > 0 else f"{config.epochs:.3g} epochs"
+            log.info("training %s in the %s format: %d examples, %d steps (%s)",
+                     config.base_model, trained_format, len(train_set.examples), steps, length)
             started = time.perf_counter()
             outcome = trainer.train()
             train_seconds = time.perf_counter() - started
@@ -311,11 +257,9 @@ def run_finetune(config: FinetuneConfig, spark: Any = None) -> FinetuneReport:
 def repetition_control(config: FinetuneConfig, registered: dict[str, float | int]) -> dict[str, float | int]:
     """The repetition control both models are scored with and the new version gets: the config's
     where it sets it, else the base version's registered one; settings that are off left out."""
-    chosen = {**registered, **{name: value for name, value in (("repetition_penalty", config.repetition_penalty),
-                                                                ("no_repeat_ngram_size", config.no_repeat_ngram_size))
-                               if value is not None}}
-    off = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
-    return {name: value for name, value in chosen.items() if value != off[name]}
+    chosen = in_effect({"repetition_penalty": config.repetition_penalty,
+                        "no_repeat_ngram_size": config.no_repeat_ngram_size}, registered)
+    return {name: value for name, value in chosen.items() if value != REGISTERED_DEFAULTS[name][1]}
 
 
 def _score(model, tokenizer, records, prompt_format: str, config: FinetuneConfig,

@@ -10,7 +10,7 @@ import torch
 from dolly_spark.inference.results import FINISH_EOS, FINISH_STOP
 from dolly_spark.prompts import get_format, stop_token_ids
 from dolly_spark.training.examples import encode_examples
-from dolly_spark.training.scoring import paired_bootstrap, rouge_l, score_by_category
+from dolly_spark.training.metrics import paired_bootstrap, rouge_l, score_by_category
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,14 @@ def score_model(model: Any, tokenizer: Any, records: list[dict[str, str]], promp
     (``repetition_penalty``, ``no_repeat_ngram_size``; none by default): {"prompt_format",
     "repetition", "eval_loss", "scores": {category: {...}}, "predictions", "rouge_l": per record,
     "stopped": per record (the answer ended with the model's stop within ``max_new_tokens``)}."""
-    from dolly_spark.engine import GenerationSettings, InstructionEngine
+    from dolly_spark.inference.engine import InstructionEngine
+    from dolly_spark.inference.engines import Rows
+    from dolly_spark.request import Request
 
     repetition = dict(repetition or {})
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, **repetition)
-    engine = InstructionEngine(model, tokenizer, prompt_format, settings)
-    results = engine.run([r["instruction"] for r in records], [r["context"] for r in records])
+    engine = InstructionEngine(model, tokenizer, prompt_format)
+    rows = Rows([r["instruction"] for r in records], [r["context"] for r in records])
+    results = engine.run(rows, Request(max_new_tokens=max_new_tokens, **repetition))
     predictions = [result.response for result in results]
     references = [r["response"] for r in records]
     stopped = [result.finish_reason in (FINISH_STOP, FINISH_EOS) for result in results]

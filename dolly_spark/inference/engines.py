@@ -1,0 +1,98 @@
+"""The engine seam: how rows are run (``EngineConfig``), what an engine does (``Engine.run``),
+and the registry of named engines.
+
+An engine turns rows and a ``Request`` into one ``InstructionResult`` per row, in order, and
+never raises for a row's own problem (those become error results). Engines are registered by
+name with the module and class that implement them, imported only when asked for, so a machine
+without an engine's packages never imports them. A new engine is one module plus one line in
+``ENGINES``.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol, Sequence
+
+from dolly_spark.request import Request
+
+STRATEGIES = ("static", "continuous")
+# name -> "module:class" of a class that implements ``Engine``.
+ENGINES = {
+    "hf": "dolly_spark.inference.engine:InstructionEngine",
+}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How rows are run; never what they answer, so none of it enters a request's fingerprint.
+
+    ``engine`` names an entry of ``ENGINES``. ``token_budget`` bounds each micro-batch: rows ×
+    (longest prompt + max_new_tokens), the tokens its KV cache holds at the end; a prompt never
+    exceeds it either. ``max_batch_rows`` caps a micro-batch's rows. Within a micro-batch,
+    prompts are prefilled in groups of similar length: a row shorter than ``min_length_ratio``
+    of its group's longest prompt starts a new group (0 prefills the micro-batch as one group).
+    ``strategy``: "static" (the preallocated cache) or "continuous" (transformers'
+    ``generate_batch``, greedy only). ``reuse_prefix``: the prompt tokens every row of a
+    micro-batch shares are prefilled once. ``dtype`` overrides the device's default precision.
+    """
+
+    engine: str = "hf"
+    token_budget: int = 16384
+    max_batch_rows: int = 64
+    min_length_ratio: float = 0.75
+    strategy: str = "static"
+    reuse_prefix: bool = True
+    dtype: str | None = None
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {sorted(ENGINES)}, not {self.engine!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, not {self.strategy!r}")
+        if self.token_budget < 2 or self.max_batch_rows < 1:
+            raise ValueError(f"need token_budget >= 2 and max_batch_rows >= 1; got {self.token_budget} and "
+                             f"{self.max_batch_rows}")
+
+    def check(self, request: Request) -> None:
+        """Raise a ValueError unless a micro-batch under this config has room for ``request``."""
+        if self.token_budget <= request.max_new_tokens:
+            raise ValueError(
+                f"token_budget={self.token_budget} leaves no room for a prompt beside max_new_tokens="
+                f"{request.max_new_tokens}: a micro-batch holds rows x (prompt + max_new_tokens) tokens; "
+                "raise token_budget or lower max_new_tokens"
+            )
+
+
+class Rows(NamedTuple):
+    """The rows of one call: an instruction each (None or blank gets an error), and optionally
+    an input (context) and a key (a sampling row's seed derives from it) each."""
+
+    instructions: Sequence[str | None]
+    contexts: Sequence[str | None] | None = None
+    keys: Sequence[Any] | None = None
+
+
+class Engine(Protocol):
+    """What an engine is: loaded from files by the lifecycle layer (once per Python worker), run
+    by the Spark layer and the jobs."""
+
+    device: Any  # where it runs, for logs
+
+    @classmethod
+    def from_pretrained(cls, model_path: str, tokenizer_path: str | None, prompt_format: str | None,
+                        config: EngineConfig, gpu_index: int | None) -> "Engine": ...
+
+    def with_config(self, config: EngineConfig) -> "Engine":
+        """An engine on the same loaded model under another configuration of the same dtype."""
+
+    def run(self, rows: Rows, request: Request) -> list:
+        """One ``InstructionResult`` per row, in order; raises only for what is not a row's own
+        problem, so the Spark task fails and is retried."""
+
+
+def engine_class(name: str) -> Any:
+    """The class registered as engine ``name``, imported now."""
+    if name not in ENGINES:
+        raise ValueError(f"engine must be one of {sorted(ENGINES)}, not {name!r}")
+    module, attribute = ENGINES[name].split(":")
+    return getattr(importlib.import_module(module), attribute)

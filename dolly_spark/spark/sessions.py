@@ -1,0 +1,204 @@
+"""Spark sessions: the active one, one a launcher configured, or the embedded local default.
+
+Three cases, in order:
+- a session is active (Databricks, a notebook): it is returned untouched;
+- the process was started by ``spark-submit`` (or another launcher that brought up the JVM): the
+  launcher's master and every setting it passed are kept, and only what is missing is added
+  (the Delta extension and catalog, Arrow, the embedded catalog when none is configured);
+- otherwise the package starts a local session itself on ``$DOLLY_SPARK_MASTER`` or
+  ``local[*]``, with Delta's jars from Maven Central (cached in Ivy afterwards).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from importlib.metadata import version
+
+from pyspark.sql import SparkSession
+
+from dolly_spark.paths import MODEL_CACHE_ENV_VAR, project_home
+
+log = logging.getLogger(__name__)
+
+ARROW_BATCH_CONF = "spark.sql.execution.arrow.maxRecordsPerBatch"
+DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
+DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+MASTER_ENV_VAR = "DOLLY_SPARK_MASTER"
+# Settings that decide where tables live; the embedded catalog is added only when the launcher
+# configured none of them (a cluster's own metastore or warehouse always wins).
+CATALOG_KEYS = ("spark.sql.warehouse.dir", "spark.sql.catalogImplementation",
+                "spark.hadoop.javax.jdo.option.ConnectionURL", "spark.hadoop.hive.metastore.uris")
+
+
+class DeltaNotOnClasspathError(RuntimeError):
+    """The JVM was started without Delta Lake's classes, and it is too late to add them."""
+
+
+def delta_package() -> str:
+    """The Maven coordinate of Delta Lake's jar for the installed pyspark and delta-spark,
+    ``io.delta:delta-spark_<spark major.minor>_2.13:<delta-spark version>`` (the artifact that
+    ``delta.configure_spark_with_delta_pip`` asks for)."""
+    import pyspark
+
+    spark_minor = ".".join(pyspark.__version__.split(".")[:2])
+    return f"io.delta:delta-spark_{spark_minor}_2.13:{version('delta-spark')}"
+
+
+def get_spark(
+    app_name: str = "dolly_spark",
+    master: str | None = None,
+    arrow_batch_size: int = 1024,
+    shuffle_partitions: int = 8,
+    ui: bool = True,
+    extra_conf: dict[str, str] | None = None,
+) -> SparkSession:
+    """The active Spark session, the one ``spark-submit`` configured, or a new local one.
+
+    Under ``spark-submit`` the master and the user's settings are kept; ``master``,
+    ``$DOLLY_SPARK_MASTER`` and the other arguments only fill settings the launcher left unset.
+    A session the package starts itself runs on ``master`` (default ``$DOLLY_SPARK_MASTER`` or
+    ``local[*]``). Either way, when no catalog is configured, tables live in a warehouse and a
+    Derby metastore under the project home, so ``saveAsTable`` tables persist across runs.
+    Raises DeltaNotOnClasspathError, naming the ``--packages`` coordinate to add, when a
+    launcher started the JVM without Delta Lake's classes.
+    """
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+    wanted = _session_conf(arrow_batch_size, shuffle_partitions, ui)
+    wanted.update(extra_conf or {})
+    if launched_by_spark_submit():
+        return _launcher_session(app_name, wanted)
+    return _local_session(app_name, master or os.environ.get(MASTER_ENV_VAR, "local[*]"), wanted)
+
+
+def launched_by_spark_submit() -> bool:
+    """True when a launcher (``spark-submit``, ``pyspark``) started the JVM this process talks to."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def _session_conf(arrow_batch_size: int, shuffle_partitions: int, ui: bool) -> dict[str, str]:
+    return {
+        "spark.sql.extensions": DELTA_EXTENSION,
+        "spark.sql.catalog.spark_catalog": DELTA_CATALOG,
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        ARROW_BATCH_CONF: str(arrow_batch_size),
+        "spark.sql.shuffle.partitions": str(shuffle_partitions),
+        "spark.ui.enabled": "true" if ui else "false",
+        "spark.python.worker.reuse": "true",
+        # Delta replays its log over 50 partitions by default: far too many for one machine.
+        "spark.databricks.delta.snapshotPartitions": "2",
+        "spark.ui.showConsoleProgress": "false",
+    }
+
+
+def _embedded_catalog_conf() -> dict[str, str]:
+    home = project_home()
+    return {
+        "spark.sql.warehouse.dir": str(home / "warehouse"),
+        "spark.sql.catalogImplementation": "hive",
+        "spark.hadoop.javax.jdo.option.ConnectionURL":
+            f"jdbc:derby:;databaseName={home / 'metastore_db'};create=true",
+    }
+
+
+def _local_model_cache_conf() -> dict[str, str]:
+    # Local executors share the driver's disk: keep the model cache under the project home,
+    # where `make demo` and the tests find it, rather than in Spark's scratch directories.
+    return {f"spark.executorEnv.{MODEL_CACHE_ENV_VAR}": str(project_home() / "model_cache")}
+
+
+def _local_session(app_name: str, master: str, wanted: dict[str, str]) -> SparkSession:
+    # Python workers must run this interpreter: a venv's python is not the python3 on PATH,
+    # and workers started with another one cannot import pyarrow or this package.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    home = project_home()
+    conf = {
+        **_embedded_catalog_conf(),
+        **_local_model_cache_conf(),
+        "spark.driver.extraJavaOptions": f"-Dderby.system.home={home}",
+        "spark.pyspark.python": sys.executable,
+        "spark.jars.packages": delta_package(),
+        **wanted,
+    }
+    builder = SparkSession.builder.appName(app_name).master(master)
+    for key, value in conf.items():
+        builder = builder.config(key, value)
+    log.info("starting a local Spark session (%s) with Delta Lake; tables under %s", master, home)
+    return builder.getOrCreate()
+
+
+def _launcher_session(app_name: str, wanted: dict[str, str]) -> SparkSession:
+    from pyspark import SparkConf, SparkContext
+
+    SparkContext._ensure_initialized()  # connects to the launcher's JVM; starts nothing
+    given = SparkConf()  # what the launcher set: --master, --conf, spark-defaults.conf
+    _require_delta_classes(SparkContext._jvm)
+    master = given.get("spark.master", "local[*]")
+    missing = {key: value for key, value in wanted.items() if not given.contains(key)}
+    extensions = given.get("spark.sql.extensions", "")
+    if extensions and DELTA_EXTENSION not in extensions.split(","):
+        missing["spark.sql.extensions"] = f"{extensions},{DELTA_EXTENSION}"
+    if not any(given.contains(key) for key in CATALOG_KEYS) and not _hive_site_on_classpath(SparkContext._jvm):
+        missing.update(_embedded_catalog_conf())
+        SparkContext._jvm.java.lang.System.setProperty("derby.system.home", str(project_home()))
+        where = f"tables under {project_home()}"
+    else:
+        where = "the configured catalog"
+    if master.startswith("local"):
+        missing.update({k: v for k, v in _local_model_cache_conf().items() if not given.contains(k)})
+    builder = SparkSession.builder
+    if not given.contains("spark.app.name"):
+        builder = builder.appName(app_name)
+    for key, value in missing.items():
+        builder = builder.config(key, value)
+    log.info("using the Spark master %s from spark-submit, with %s", master, where)
+    return builder.getOrCreate()
+
+
+def _require_delta_classes(jvm) -> None:
+    loader = jvm.java.lang.Thread.currentThread().getContextClassLoader()
+    try:
+        loader.loadClass(DELTA_EXTENSION)
+    except Exception as exc:  # noqa: BLE001 - py4j wraps the ClassNotFoundException
+        raise DeltaNotOnClasspathError(
+            f"Delta Lake's classes ({DELTA_EXTENSION}) are not on the Spark classpath: the JVM was "
+            f"started before this job could add them. Add them to the command, e.g. "
+            f"`spark-submit --packages {delta_package()} ...`, or put `spark.jars.packages "
+            f"{delta_package()}` in the Spark conf (`dolly-spark setup-spark` writes it into this "
+            "environment's spark-defaults.conf)."
+        ) from exc
+
+
+def _hive_site_on_classpath(jvm) -> bool:
+    loader = jvm.java.lang.Thread.currentThread().getContextClassLoader()
+    return loader.getResource("hive-site.xml") is not None
+
+
+def generation_parallelism(spark: SparkSession) -> int:
+    """How many generation tasks run at once by default: one per GPU on GPU executors (from the
+    executor and task GPU resource settings and the executors registered now), else Spark's
+    default parallelism (the executors' cores)."""
+    try:
+        context = spark.sparkContext
+        conf = dict(context.getConf().getAll())
+        # getExecutorMemoryStatus lists the block managers: every executor and the driver.
+        executors = max(1, context._jsc.sc().getExecutorMemoryStatus().size() - 1)
+        return tasks_per_wave(conf, executors, context.defaultParallelism)
+    except Exception:  # noqa: BLE001 - Spark Connect sessions have no SparkContext
+        return int(spark.conf.get("spark.default.parallelism", "8"))
+
+
+def tasks_per_wave(conf: dict[str, str], executors: int, default_parallelism: int) -> int:
+    """One task per GPU when executors have GPUs and each task takes some
+    (``spark.executor.resource.gpu.amount`` / ``spark.task.resource.gpu.amount`` per executor);
+    ``default_parallelism`` otherwise. ``spark.executor.instances``, when set, counts the
+    executors still coming up."""
+    executor_gpus = float(conf.get("spark.executor.resource.gpu.amount", 0) or 0)
+    task_gpus = float(conf.get("spark.task.resource.gpu.amount", 0) or 0)
+    if executor_gpus <= 0 or task_gpus <= 0:
+        return default_parallelism
+    executors = max(executors, int(conf.get("spark.executor.instances", 0) or 0))
+    return max(1, executors * int(executor_gpus / task_gpus + 1e-9))

@@ -1,0 +1,96 @@
+"""Two runs on one target at once: one claims it, the other fails fast naming it; nothing is lost
+and nothing duplicated. A dead run's claim is taken over once stale."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+
+from dolly_spark.batch import claims
+from dolly_spark.batch.summarize import run_summarize
+from test_summarize import config_for, make_source, one_row_per_ticket
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_runs_claiming_at_the_same_moment_exactly_one_wins(spark):
+    outcomes: list = []
+    for attempt in range(2):
+        barrier = threading.Barrier(2)
+
+        def claim():
+            barrier.wait()
+            try:
+                outcomes.append(claims.acquire(spark, "claimed_at_once", {"run": attempt}, timedelta(hours=1)))
+            except Exception as failure:  # noqa: BLE001 - anything but TargetBusyError fails below
+                outcomes.append(failure)
+
+        threads = [threading.Thread(target=claim) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        won = [o for o in outcomes if isinstance(o, claims.Claim)]
+        lost = [o for o in outcomes if isinstance(o, claims.TargetBusyError)]
+        assert (len(won), len(lost)) == (1, 1), [str(outcome)[:2000] for outcome in outcomes]
+        assert "another summarize run is writing target table 'claimed_at_once'" in str(lost[0])
+        won[0].release()
+        outcomes.clear()
+    assert spark.read.table("claimed_at_once__claim").count() == 0
+
+
+def test_a_second_run_on_a_busy_target_fails_fast_naming_the_first(spark, registered_tiny):
+    name, _ = registered_tiny
+    source = make_source(spark, "tickets_concurrent")
+    config = config_for(source, "summaries_concurrent", f"models:/{name}@champion", max_attempts=1, chunk_rows=2)
+    first: dict = {}
+    running = threading.Thread(target=lambda: first.update(report=run_summarize(spark, config)))
+    running.start()
+    try:
+        claim = _wait_for_claim(spark, "summaries_concurrent", running)
+        started = time.perf_counter()
+        with pytest.raises(claims.TargetBusyError) as busy:
+            run_summarize(spark, config)
+        assert time.perf_counter() - started < 60  # fails fast: no generation, no scan of the source
+    finally:
+        running.join()
+    message = str(busy.value)
+    assert "another summarize run is writing target table 'summaries_concurrent'" in message
+    assert claim["claim_id"] and '"mlflow_run_id"' in claim["owner"]
+    assert json.loads(claim["owner"])["mlflow_run_id"] in message
+    assert "DELETE FROM summaries_concurrent__claim" in message
+    assert first["report"].rows_written == 6
+    rows = one_row_per_ticket(spark, "summaries_concurrent")  # asserts one row per ticket
+    assert sorted(rows) == ["T-1", "T-2", "T-3", "T-4", "T-5", "T-6"]
+    assert spark.read.table("summaries_concurrent__claim").count() == 0  # released
+    assert run_summarize(spark, config).rows_pending == 0  # the target is free again
+
+
+def test_a_dead_runs_stale_claim_is_taken_over(spark, registered_tiny):
+    name, _ = registered_tiny
+    source = make_source(spark, "tickets_stale_claim")
+    spark.sql(f"CREATE TABLE IF NOT EXISTS summaries_stale_claim__claim ({claims.CLAIM_SCHEMA}) USING delta")
+    spark.sql("INSERT INTO summaries_stale_claim__claim VALUES ('summaries_stale_claim', 'dead', "
+              "'{\"mlflow_run_id\": \"dead-run\"}', current_timestamp() - INTERVAL 3 HOURS, "
+              "current_timestamp() - INTERVAL 2 HOURS)")
+    config = config_for(source, "summaries_stale_claim", f"models:/{name}@champion", max_attempts=1)
+    with pytest.raises(claims.TargetBusyError, match="dead-run"):
+        run_summarize(spark, dataclasses.replace(config, claim_timeout_minutes=180))
+    assert run_summarize(spark, config).rows_written == 6  # 60 minutes: the 2-hour-old claim is stale
+    assert spark.read.table("summaries_stale_claim__claim").count() == 0
+
+
+def _wait_for_claim(spark, target: str, running: threading.Thread, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert running.is_alive(), "the first run ended before it was seen holding its claim"
+        if spark.catalog.tableExists(f"{target}__claim"):
+            holder = spark.read.table(f"{target}__claim").first()
+            if holder is not None:
+                return holder
+        time.sleep(0.2)
+    raise TimeoutError(f"no claim on {target} appeared")

@@ -1,0 +1,189 @@
+"""The README's commands, typed as a user types them, in a shell with the venv activated, from a
+clean project home on the embedded default (local Spark and Delta, the local MLflow registry)."""
+from __future__ import annotations
+
+import re
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from project_home import REPO, read_delta, run_command, seed_home
+
+SHARED_DATA = REPO.parent / "shared" / "data" / "dolly15k_sample.jsonl"
+needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="Spark needs Java 17+ on PATH")
+
+
+def readme_commands() -> str:
+    return (REPO / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, tiny_model_dir) -> Path:
+    return seed_home(tmp_path_factory.mktemp("readme") / "home", tiny_model_dir)
+
+
+def succeeded(result) -> str:
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.slow
+@needs_java
+def test_readme_job_commands_run_verbatim_on_the_embedded_default(spark, home):
+    readme = readme_commands()
+    summarize = "spark-submit jobs/summarize_tickets.py --config conf/summarize_tickets.yaml"
+    assert f"source .venv/bin/activate\n{summarize}" in readme
+    output = succeeded(run_command(summarize, home))
+    assert "40 tickets summarized with support_dolly v1" in output
+    assert "using the Spark master local[*] from spark-submit" in output
+    rows = read_delta(spark, home, "ticket_summaries").select("ticket_id").collect()
+    assert len(rows) == len({row["ticket_id"] for row in rows}) == 40
+    # The staging tables of a finished run are gone (its released claim's table stays).
+    assert [path.name for path in (home / "warehouse").glob("ticket_summaries__*")] == ["ticket_summaries__claim"]
+
+    # The same job with structured answers: a scored label and typed fields per ticket.
+    triage = "spark-submit jobs/summarize_tickets.py --config conf/triage_tickets.yaml"
+    assert triage in readme
+    output = succeeded(run_command(triage, home))
+    assert "40 tickets triaged with support_dolly v1" in output
+    triaged = read_delta(spark, home, "ticket_triage")
+    assert triaged.count() == 40
+    assert [f.name for f in triaged.schema["parsed"].dataType.fields] == ["urgency", "order_id", "product",
+                                                                         "refund_requested"]
+    labels = {row["label"] for row in triaged.select("label").collect()}
+    assert labels and labels <= {"billing", "shipping", "technical", "account", "feature request", "question",
+                                 "feedback"}
+
+    finetune = "spark-submit jobs/finetune.py --config conf/finetune.yaml"
+    assert finetune in readme
+    output = succeeded(run_command(
+        f"{finetune} --base-model models:/support_dolly@champion --train-data {SHARED_DATA} --max-steps 2 "
+        "--batch-size 4 --max-length 256 --max-eval-records 4 --eval-max-new-tokens 8", home))
+    assert re.search(r"registered support_dolly version 2 as @challenger", output), output[-2000:]
+
+    evaluate = "spark-submit jobs/evaluate_and_promote.py --config conf/evaluate_and_promote.yaml"
+    assert evaluate in readme
+    output = succeeded(run_command(f"{evaluate} --eval-data {SHARED_DATA} --max-eval-records 4 --max-new-tokens 8", home))
+    assert re.search(r"challenger v2 rouge_l=\S+, champion v1 rouge_l=\S+, base rouge_l=\S+: (promoted|not promoted)", output), output[-2000:]
+
+    # The console script runs the same job: nothing new for an unchanged champion, every ticket
+    # again when the evaluation promoted the challenger.
+    output = succeeded(run_command("dolly-spark summarize --config conf/summarize_tickets.yaml", home))
+    assert re.search(r"^(0|40) tickets summarized with support_dolly v[12]", output, re.M), output[-2000:]
+
+    # The demo fine-tune: from version 1 (here the tiny model), on the dolly sample beside the
+    # project, scored against its base on a held-out quarter of each category.
+    finetune_demo = "spark-submit jobs/finetune.py --config conf/finetune_demo.yaml"
+    assert finetune_demo in readme
+    output = succeeded(run_command(f"{finetune_demo} --max-steps 2 --max-eval-records 4 --eval-max-new-tokens 8", home))
+    assert "registered support_dolly version 3 as @challenger" in output, output[-2000:]
+    assert re.search(r"ROUGE-L gain over the base in its own format: \S+ \(95% bootstrap interval", output), output[-2000:]
+
+
+@pytest.mark.slow
+@needs_java
+def test_make_demo_from_a_clean_project_home(spark, tmp_path):
+    assert "make demo" in readme_commands()
+    home = tmp_path / "home"
+    output = succeeded(run_command("make demo", home, timeout=1200))
+    assert "40 tickets summarized with support_dolly v1" in output
+    assert "ticket_summaries (first rows):" in output
+    assert read_delta(spark, home, "ticket_summaries").count() == 40
+    # The triage beside the summaries: labels with their probability, extracted fields, accuracy.
+    assert "40 tickets triaged with support_dolly v1" in output
+    assert re.search(r"T-1001  Charged twice for January invoice\n    -> \w[\w ]* \(\d\.\d\d\)", output), output[-3000:]
+    assert re.search(r"labels matching the sample tickets' hand-written ones: \d+ of 40", output)
+    triaged = read_delta(spark, home, "ticket_triage")
+    assert triaged.count() == 40 and triaged.where("parsed IS NOT NULL").count() > 0
+    # Run again: every ticket already has a result for that version.
+    again = succeeded(run_command("make demo", home, timeout=1200))
+    assert "0 tickets summarized with support_dolly v1" in again and "0 tickets triaged with support_dolly v1" in again
+
+
+@pytest.mark.slow
+@needs_java
+def test_spark_submit_without_delta_says_which_package_to_add(home, tmp_path):
+    from dolly_spark.spark.sessions import delta_package
+
+    empty_conf = tmp_path / "conf"
+    empty_conf.mkdir()
+    result = run_command("spark-submit jobs/summarize_tickets.py --config conf/summarize_tickets.yaml", home,
+                         SPARK_CONF_DIR=str(empty_conf))
+    assert result.returncode != 0
+    assert f"spark-submit --packages {delta_package()}" in result.stdout + result.stderr
+
+
+def test_setup_spark_writes_delta_into_spark_defaults(tmp_path):
+    from dolly_spark.spark.sessions import delta_package
+    from dolly_spark.spark.install import read_defaults
+
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "spark-defaults.conf").write_text("spark.executor.memory 3g\n")
+    for _ in range(2):  # a second run changes nothing
+        result = run_command("dolly-spark setup-spark", tmp_path / "home", SPARK_CONF_DIR=str(conf))
+        assert result.returncode == 0, result.stderr
+    settings = read_defaults(conf / "spark-defaults.conf")
+    assert settings == {
+        "spark.executor.memory": "3g",
+        "spark.jars.packages": delta_package(),
+        "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+        "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+    }
+    assert "rootLogger.level = warn" in (conf / "log4j2.properties").read_text()
+
+
+def test_delta_package_is_the_one_delta_pip_asks_for():
+    from delta import configure_spark_with_delta_pip
+    from pyspark.sql import SparkSession
+
+    from dolly_spark.spark.sessions import delta_package
+
+    builder = configure_spark_with_delta_pip(SparkSession.Builder())
+    assert builder._options["spark.jars.packages"] == delta_package()
+
+
+def test_wheel_keeps_spark_and_delta_in_the_local_extra(tmp_path):
+    result = run_command(f"pip wheel --quiet --no-deps --no-build-isolation -w {tmp_path} .", tmp_path / "home")
+    assert result.returncode == 0, result.stderr
+    (wheel,) = tmp_path.glob("dolly_spark-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = next(name for name in archive.namelist() if name.endswith(".dist-info/METADATA"))
+        requires = [line.removeprefix("Requires-Dist: ") for line in archive.read(metadata).decode().splitlines()
+                    if line.startswith("Requires-Dist: ")]
+    spark_lines = [line for line in requires if re.match(r"(pyspark|delta-spark|delta_spark)\b", line)]
+    assert len(spark_lines) == 2, requires
+    assert all('extra == "local"' in line for line in spark_lines), spark_lines
+    assert any(line.startswith("mlflow") and "extra" not in line for line in requires), requires
+    assert not any("+" in line for line in requires)
+
+
+PROBE = """
+from dolly_spark.spark.sessions import get_spark
+spark = get_spark("probe")
+conf = spark.sparkContext.getConf()
+for key in ("spark.master", "spark.app.name", "spark.sql.shuffle.partitions", "spark.sql.execution.arrow.pyspark.enabled",
+            "spark.sql.extensions", "spark.sql.catalogImplementation"):
+    print(f"probe {key}={conf.get(key)}")
+print("probe tables=" + ",".join(t.name for t in spark.catalog.listTables()))
+"""
+
+
+@pytest.mark.slow
+@needs_java
+def test_spark_submit_settings_win_and_only_missing_ones_are_added(home, tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    result = run_command(f"spark-submit --master local[2] --conf spark.sql.shuffle.partitions=3 {script}", home,
+                         DOLLY_SPARK_MASTER="local[1]")
+    settings = dict(line.removeprefix("probe ").split("=", 1) for line in succeeded(result).splitlines()
+                    if line.startswith("probe "))
+    assert settings["spark.master"] == "local[2]"  # not $DOLLY_SPARK_MASTER: that is for sessions we start
+    assert settings["spark.app.name"] == "probe.py"
+    assert settings["spark.sql.shuffle.partitions"] == "3"
+    assert settings["spark.sql.execution.arrow.pyspark.enabled"] == "true"
+    assert settings["spark.sql.extensions"] == "io.delta.sql.DeltaSparkSessionExtension"
+    assert settings["spark.sql.catalogImplementation"] == "hive"
+    assert "support_tickets" in settings["tables"].split(",")  # the embedded catalog under the project home
