@@ -24,7 +24,7 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collects no test; that fails the target like any other failure.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

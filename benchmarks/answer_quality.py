@@ -16,9 +16,11 @@ import json
 import time
 from pathlib import Path
 
-from dolly_spark.devices import parse_dtype
-from dolly_spark.engine import GenerationSettings, InstructionEngine
-from dolly_spark.training.scoring import paired_bootstrap, rouge_l
+from dolly_spark.inference.devices import parse_dtype
+from dolly_spark.inference.engine import InstructionEngine
+from dolly_spark.inference.engines import Rows
+from dolly_spark.request import Request
+from dolly_spark.training.metrics import paired_bootstrap, rouge_l
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "dolly15k_sample.jsonl"
 VARIANTS = {
@@ -45,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dolly_spark.demo import demo_checkpoint
+    from dolly_spark.batch.demo import demo_checkpoint
 
     path = demo_checkpoint()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -58,14 +60,14 @@ def main() -> None:
     for dtype in dtypes:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype)).eval()
         for name in args.variants.split(","):
-            settings = GenerationSettings(max_new_tokens=args.max_new_tokens, **VARIANTS[name])
-            engine = InstructionEngine(model, tokenizer, "chat", settings)
+            request = Request(max_new_tokens=args.max_new_tokens, **VARIANTS[name])
+            engine = InstructionEngine(model, tokenizer, "chat")
             started = time.perf_counter()
-            results = engine.run([r["instruction"] for r in records], [r.get("context") for r in records])
+            results = engine.run(Rows([r["instruction"] for r in records], [r.get("context") for r in records]), request)
             answers[dtype, name] = [result.response for result in results]
             scores = [rouge_l(result.response, record["response"]) for result, record in zip(results, records)]
             scored[dtype, name] = scores
-            loops = engine.run([i for i, _ in LOOPS], [c for _, c in LOOPS])
+            loops = engine.run(Rows([i for i, _ in LOOPS], [c for _, c in LOOPS]), request)
             label = name if len(dtypes) == 1 else f"{name} [{dtype}]"
             report["variants"][label] = entry = {
                 "settings": VARIANTS[name], "dtype": dtype, "rouge_l": sum(scores) / len(scores),

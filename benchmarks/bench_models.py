@@ -22,15 +22,15 @@ import mlflow
 import yaml
 
 from benchmarks.workload import tokenizer_corpus
-from dolly_spark.registry import CHAMPION, ModelSpec, alias_version, log_and_register, resolve_model
-from dolly_spark.settings import project_home
+from dolly_spark.lifecycle.registry import CHAMPION, ModelSpec, alias_version, log_and_register, resolve_model
+from dolly_spark.paths import project_home
 
 log = logging.getLogger(__name__)
 
 MODEL_KEYS = ("tiny", "demo")
 TINY_NAME, DEMO_NAME = "bench_tiny_dolly", "bench_smollm2"
 EXPERIMENT = "dolly_spark_bench"
-# The tiny model: dolly_spark.testing's GPT-NeoX, with a context window that holds the longest
+# The tiny model: dolly_spark.testing.tiny_models's GPT-NeoX, with a context window that holds the longest
 # workload prompt plus the answer, so no variant truncates (the engine would, a pipeline would not),
 # and a tokenizer vocabulary large enough that prompts have realistic token counts.
 TINY_HIDDEN, TINY_LAYERS, TINY_CONTEXT, TINY_VOCAB = 64, 2, 2048, 4096
@@ -77,7 +77,7 @@ def configure_bench_mlflow() -> str:
 def register_tiny(seed: int) -> str:
     """``models:/bench_tiny_dolly@champion``, built and registered unless the champion was
     built from the same seed and recipe (the build is deterministic, so it is reused)."""
-    from dolly_spark.testing import build_tiny_model, train_tiny_tokenizer
+    from dolly_spark.testing.tiny_models import build_tiny_model, train_tiny_tokenizer
 
     recipe = f"testing.build_tiny_model hidden={TINY_HIDDEN} layers={TINY_LAYERS} ctx={TINY_CONTEXT} vocab={TINY_VOCAB}"
     version = alias_version(TINY_NAME, CHAMPION)
@@ -95,7 +95,7 @@ def register_tiny(seed: int) -> str:
 
 def register_demo() -> str:
     """``models:/bench_smollm2@champion``: SmolLM2-135M-Instruct, chat format, registered once."""
-    from dolly_spark.demo import ensure_demo_model_registered
+    from dolly_spark.batch.demo import ensure_demo_model_registered
 
     ensure_demo_model_registered(DEMO_NAME)
     return f"models:/{DEMO_NAME}@{CHAMPION}"
@@ -103,7 +103,7 @@ def register_demo() -> str:
 
 def prepare_model(key: str, seed: int) -> BenchModel:
     """Register (or reuse) model ``key``, resolve its alias to one version and fetch its files."""
-    from dolly_spark.models import checkpoint_paths, fetch_model_files
+    from dolly_spark.lifecycle.loader import checkpoint_paths, fetch_model_files
 
     if key not in MODEL_KEYS:
         raise ValueError(f"unknown model {key!r}; choose from {', '.join(MODEL_KEYS)}")
@@ -189,7 +189,7 @@ def pipeline_batch_check(model_uri: str, inputs: list[str], batch_sizes: list[in
     about that much of each (b) timed run is loading."""
     import time
 
-    from dolly_spark.models import fetch_model_files
+    from dolly_spark.lifecycle.loader import fetch_model_files
 
     started = time.perf_counter()
     model = mlflow.pyfunc.load_model(fetch_model_files(resolve_model(model_uri)))

@@ -15,7 +15,7 @@ and, as an extra continuous-batching data point, a Llama-architecture model of a
 size through (2) and (3). Random weights generate random tokens, so throughput is meaningful and
 the text is not. Greedy decoding throughout.
 
-Only dolly_spark.engine / .prompts / .devices / .testing (its tokenizer builder) and
+Only dolly_spark.inference.engine / .prompts / .devices / .testing (its tokenizer builder) and
 benchmarks.workload are imported, none of which imports pyspark or mlflow; a guard below makes
 them look uninstalled, so any import of them fails and a run proves it. ``--cpu-smoke`` shrinks the
 models to 2 layers of hidden 256 and the workload to 8 rows, to check the script on a CPU box.
@@ -53,10 +53,12 @@ _forbid_imports()
 import torch  # noqa: E402 - after the import guard on purpose
 
 from benchmarks.workload import INSTRUCTION, LONG_INSTRUCTION, generate_tickets, tokenizer_corpus  # noqa: E402
-from dolly_spark.devices import select_device, select_dtype  # noqa: E402
-from dolly_spark.engine import GenerationSettings, InstructionEngine  # noqa: E402
+from dolly_spark.inference.devices import select_device, select_dtype  # noqa: E402
+from dolly_spark.inference.engine import InstructionEngine  # noqa: E402
+from dolly_spark.inference.engines import EngineConfig, Rows  # noqa: E402
+from dolly_spark.request import Request  # noqa: E402
 from dolly_spark.prompts import get_format  # noqa: E402
-from dolly_spark.testing import train_tiny_tokenizer  # noqa: E402
+from dolly_spark.testing.tiny_models import train_tiny_tokenizer  # noqa: E402
 
 log = logging.getLogger("gpu_engine")
 
@@ -150,29 +152,29 @@ def run_pipeline(model, tokenizer, prompts: list[str], warm: list[str], max_new_
     return {**_figures(len(prompts), seconds, prompt_tokens, generated_tokens), "first_pass_seconds": first_pass}
 
 
-def run_engine(model, tokenizer, bodies: list[str], warm: list[str], settings: GenerationSettings, device,
+def run_engine(model, tokenizer, bodies: list[str], warm: list[str], request: Request, config: EngineConfig, device,
                instruction: str = INSTRUCTION) -> dict[str, Any]:
     """The engine over all rows in one run, after a warm-up run; reports a continuous-batching
     fallback when the engine fell back to static batching."""
-    engine = InstructionEngine(model, tokenizer, "dolly", settings)
+    engine = InstructionEngine(model, tokenizer, "dolly", config)
     fallbacks = _FallbackRecorder()
-    logging.getLogger("dolly_spark.engine").addHandler(fallbacks)
+    logging.getLogger("dolly_spark.inference.engine").addHandler(fallbacks)
     try:
         if warm:
-            timed(device, lambda: engine.run([instruction] * len(warm), warm, require_context=True))
-        _, first_pass = timed(device, lambda: engine.run([instruction] * len(bodies), bodies, require_context=True))
+            timed(device, lambda: engine.run(Rows([instruction] * len(warm), warm), request))
+        _, first_pass = timed(device, lambda: engine.run(Rows([instruction] * len(bodies), bodies), request))
         # The backends count into the engine's stats object: reset it in place.
         engine.stats.__init__()
-        results, seconds = timed(device, lambda: engine.run([instruction] * len(bodies), bodies, require_context=True))
+        results, seconds = timed(device, lambda: engine.run(Rows([instruction] * len(bodies), bodies), request))
     finally:
-        logging.getLogger("dolly_spark.engine").removeHandler(fallbacks)
+        logging.getLogger("dolly_spark.inference.engine").removeHandler(fallbacks)
     figures = _figures(len(bodies), seconds, sum(r.prompt_tokens for r in results),
                        sum(r.completion_tokens for r in results))
     figures.update({
         "first_pass_seconds": first_pass,
-        "strategy_requested": settings.strategy,
+        "strategy_requested": config.strategy,
         # The engine switches itself to static batching for good when continuous batching fails.
-        "strategy_used": engine._strategy,  # noqa: SLF001 - the benchmark reports the engine's own decision
+        "strategy_used": engine.prepare(request).strategy,
         "fallback_messages": fallbacks.messages[:3],
         "padding_waste": engine.stats.padding_waste,
         "micro_batches": len(engine.stats.micro_batches),
@@ -220,11 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Warm-up rows run before each timed run (CUDA context, cuBLAS handles, kernels); the smoke
     # run only checks that every path works, so it skips them.
     warm = [] if args.cpu_smoke else [body for _, body in generate_tickets(2, args.seed + 1)]
-    static = GenerationSettings(max_new_tokens=args.max_new_tokens, token_budget=args.token_budget)
-    static_no_prefix = GenerationSettings(max_new_tokens=args.max_new_tokens, token_budget=args.token_budget,
-                                          reuse_prefix=False)
-    continuous = GenerationSettings(max_new_tokens=args.max_new_tokens, token_budget=args.token_budget,
-                                    strategy="continuous")
+    request = Request(max_new_tokens=args.max_new_tokens, require_input=True)
+    static = EngineConfig(token_budget=args.token_budget)
+    static_no_prefix = EngineConfig(token_budget=args.token_budget, reuse_prefix=False)
+    continuous = EngineConfig(token_budget=args.token_budget, strategy="continuous")
     # The pipeline gets the very prompt text the engine renders for the same rows.
     prompts = [get_format("dolly").prompt(INSTRUCTION, body) for body in bodies]
     warm_prompts = [get_format("dolly").prompt(INSTRUCTION, body) for body in warm]
@@ -245,14 +246,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if architecture == "gpt_neox":  # the per-row baseline once, on the dolly-v2-3b architecture
             log.info("%s: per-row pipeline", architecture)
             entry["per_row_pipeline"] = run_pipeline(model, tokenizer, prompts, warm_prompts, args.max_new_tokens, device)
-        for route, settings, instruction in (("engine_static", static, INSTRUCTION),
+        for route, config, instruction in (("engine_static", static, INSTRUCTION),
                                              ("engine_static_no_prefix", static_no_prefix, INSTRUCTION),
                                              ("engine_static_long", static, LONG_INSTRUCTION),
                                              ("engine_static_long_no_prefix", static_no_prefix, LONG_INSTRUCTION)):
             log.info("%s: %s", architecture, route)
-            entry[route] = run_engine(model, tokenizer, bodies, warm, settings, device, instruction)
+            entry[route] = run_engine(model, tokenizer, bodies, warm, request, config, device, instruction)
         log.info("%s: engine, continuous batching", architecture)
-        entry["engine_continuous"] = run_engine(model, tokenizer, bodies, warm, continuous, device)
+        entry["engine_continuous"] = run_engine(model, tokenizer, bodies, warm, request, continuous, device)
         entry["ratios"] = _ratios(entry)
         report["models"][architecture] = entry
         del model

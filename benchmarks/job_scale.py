@@ -42,8 +42,8 @@ def run_size(spark, model_uri: str, rows: int, args: argparse.Namespace, seed: i
     from delta.tables import DeltaTable
 
     from benchmarks.workload import generate_tickets
-    from dolly_spark.summarize import SummarizeConfig, run_summarize
-    from dolly_spark.testing import TableScans
+    from dolly_spark.batch.summarize import SummarizeConfig, run_summarize
+    from dolly_spark.testing.table_scans import TableScans
 
     source, target = f"scale_tickets_{rows}", f"scale_summaries_{rows}"
     tickets = generate_tickets(rows, seed, max_body_tokens=args.max_body_tokens)
@@ -74,7 +74,7 @@ def run_size(spark, model_uri: str, rows: int, args: argparse.Namespace, seed: i
 
 
 def _version(spark, table: str) -> int:
-    from dolly_spark.tables import delta_version, table_exists
+    from dolly_spark.spark.tables import delta_version, table_exists
 
     return delta_version(spark, table) if table_exists(spark, table) else -1
 
@@ -100,7 +100,7 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for name in ("benchmarks", "dolly_spark.progress"):
+    for name in ("benchmarks", "dolly_spark.batch.progress"):
         logging.getLogger(name).setLevel(logging.INFO)
     started = time.perf_counter()
 

@@ -12,11 +12,12 @@ micro-batch's rows, prompt tokens and decoding steps, for the roofline figures.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Iterable, Sequence
 
 from benchmarks.roofline import MicroBatch
-from dolly_spark.engine import FINISH_ERROR, EngineStats, GenerationSettings, InstructionEngine, _Prepared
+from dolly_spark.inference.engines import EngineConfig
+from dolly_spark.inference.planner import micro_batches, prefill_groups
+from dolly_spark.inference.results import FINISH_ERROR, EngineStats
 
 
 @dataclass(frozen=True)
@@ -29,37 +30,39 @@ class RowTokens:
     finish_reason: str
 
 
-def replay(rows: Sequence[RowTokens], settings: GenerationSettings,
+def replay(rows: Sequence[RowTokens], max_new_tokens: int, config: EngineConfig,
            arrow_batch_rows: int) -> tuple[EngineStats, list[MicroBatch]]:
     """EngineStats as the workers' engines counted them, and their micro-batches (the
     partition as the worker), for ``rows`` in collected order (Spark's collect keeps partition
     order and the row order within each partition)."""
     stats, batches = EngineStats(), []
-    planner = SimpleNamespace(settings=settings)  # micro_batches and prefill_groups read only the settings
     by_partition: dict[int, list[RowTokens]] = {}
     for row in rows:
         by_partition.setdefault(row.partition, []).append(row)
     for partition_rows in by_partition.values():
         for start in range(0, len(partition_rows), arrow_batch_rows):
-            _replay_run(partition_rows[start:start + arrow_batch_rows], planner, stats, batches)
+            _replay_run(partition_rows[start:start + arrow_batch_rows], max_new_tokens, config, stats, batches)
     return stats, batches
 
 
-def _replay_run(run_rows: Sequence[RowTokens], planner: SimpleNamespace, stats: EngineStats,
+def _replay_run(run_rows: Sequence[RowTokens], max_new_tokens: int, config: EngineConfig, stats: EngineStats,
                 batches: list[MicroBatch]) -> None:
     stats.rows += len(run_rows)
     # Rows refused before generation (null input, over-long prompt) answer with an error and no
     # completion; they never enter a micro-batch.
     generated = [row for row in run_rows if not (row.finish_reason == FINISH_ERROR and row.completion_tokens == 0)]
-    prepared = [_Prepared(index, [0] * row.prompt_tokens, False, 0) for index, row in enumerate(generated)]
-    for batch in InstructionEngine.micro_batches(planner, prepared):  # type: ignore[arg-type]
-        members = [generated[item.index] for item in batch]
+    # The engine's plan, from the same pure functions of the prompts' lengths.
+    plan = micro_batches([row.prompt_tokens for row in generated], config.token_budget, max_new_tokens,
+                         config.max_batch_rows)
+    for batch in plan:
+        members = [generated[index] for index in batch]
         longest = max(row.prompt_tokens for row in members)
         steps = max(row.completion_tokens for row in members)
         stats.micro_batches.append((len(members), longest))
-        for group in InstructionEngine.prefill_groups(planner, batch):  # type: ignore[arg-type]
-            stats.prefill_groups.append((len(group), len(group[0].ids)))
-            stats.padded_prompt_tokens += len(group) * len(group[0].ids)
+        for group in prefill_groups([row.prompt_tokens for row in members], config.min_length_ratio):
+            longest_in_group = members[group[0]].prompt_tokens
+            stats.prefill_groups.append((len(group), longest_in_group))
+            stats.padded_prompt_tokens += len(group) * longest_in_group
         stats.generated_slots += len(members) * steps
         prompt_tokens = sum(row.prompt_tokens for row in members)
         stats.prompt_tokens += prompt_tokens

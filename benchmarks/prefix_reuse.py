@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 from benchmarks.workload import INSTRUCTION, LONG_INSTRUCTION, generate_tickets
-from dolly_spark.engine import GenerationSettings, InstructionEngine
+from dolly_spark.inference.engine import InstructionEngine
+from dolly_spark.inference.engines import EngineConfig, Rows
+from dolly_spark.request import Request
 
 
 def main() -> None:
@@ -27,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dolly_spark.demo import demo_checkpoint
+    from dolly_spark.batch.demo import demo_checkpoint
 
     path = demo_checkpoint()
     model, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
@@ -37,14 +39,14 @@ def main() -> None:
     for label, instruction in (("workload instruction", INSTRUCTION), ("long instruction", LONG_INSTRUCTION)):
         answers = {}
         for reuse in (True, False):
-            engine = InstructionEngine(model, tokenizer, "chat", GenerationSettings(
-                max_new_tokens=args.max_new_tokens, reuse_prefix=reuse))
-            engine.run([instruction] * len(warm), warm, require_context=True)
+            engine = InstructionEngine(model, tokenizer, "chat", EngineConfig(reuse_prefix=reuse))
+            request = Request(max_new_tokens=args.max_new_tokens, require_input=True)
+            engine.run(Rows([instruction] * len(warm), warm), request)
             best = float("inf")
             for _ in range(args.repeats):
                 engine.stats.__init__()
                 started = time.perf_counter()
-                results = engine.run([instruction] * len(bodies), bodies, require_context=True)
+                results = engine.run(Rows([instruction] * len(bodies), bodies), request)
                 best = min(best, time.perf_counter() - started)
             answers[reuse] = [r.response for r in results]
             report["runs"][f"{label}, reuse {'on' if reuse else 'off'}"] = entry = {

@@ -63,7 +63,7 @@ def start_spark():
     """The benchmark's one Spark session: local[2], UI off, its metastore and warehouse under the
     benchmark's home so it never contends with the demo's Derby metastore."""
     from benchmarks.bench_models import bench_home
-    from dolly_spark.sessions import get_spark
+    from dolly_spark.spark.sessions import get_spark
 
     # Workers unpickle the per-row UDF by importing benchmarks.per_row_pipeline; Spark passes
     # the JVM's PYTHONPATH on to them, so the repository must be on it before the JVM starts.
@@ -118,16 +118,18 @@ def run_model(spark, key: str, args: argparse.Namespace, machine: dict[str, Any]
     from benchmarks.workload import INSTRUCTION, LONG_INSTRUCTION, generate_tickets
     import torch
 
-    from dolly_spark.engine import GenerationSettings, InstructionEngine
-    from dolly_spark.sessions import ARROW_BATCH_CONF
+    from dolly_spark.inference.engine import InstructionEngine
+    from dolly_spark.inference.engines import EngineConfig
+    from dolly_spark.request import Request
+    from dolly_spark.spark.sessions import ARROW_BATCH_CONF
 
     bench = prepare_model(key, args.seed)
     log.info("%s: %s (format %s)", key, bench.uri, bench.prompt_format)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, token_budget=args.token_budget,
-                                  max_batch_rows=args.max_batch_rows)
+    request = Request(max_new_tokens=args.max_new_tokens, require_input=True)
+    config = EngineConfig(token_budget=args.token_budget, max_batch_rows=args.max_batch_rows)
     # The driver's engine: variant (d), and the tokenizer and prompt format every variant shares.
-    engine = InstructionEngine.from_pretrained(bench.model_path, bench.spec.prompt_format, settings,
-                                               tokenizer_path=bench.tokenizer_path)
+    engine = InstructionEngine.from_pretrained(bench.model_path, bench.tokenizer_path, bench.spec.prompt_format,
+                                               config)
     tickets = generate_tickets(args.rows, args.seed)
     warm = generate_tickets(args.warmup_rows, args.seed + 1)
     rows = build_rows(spark, tickets, warm, engine, bench.prompt_template)
@@ -135,10 +137,10 @@ def run_model(spark, key: str, args: argparse.Namespace, machine: dict[str, Any]
 
     results = {}
     log.info("%s: (a) apply_instruction", key)
-    results[variants.APPLY] = variants.run_apply_instruction(bench, rows, settings, arrow_batch_rows)
+    results[variants.APPLY] = variants.run_apply_instruction(bench, rows, request, config, arrow_batch_rows)
     if args.bf16:
         log.info("%s: (a) apply_instruction, dtype=bfloat16", key)
-        results[variants.APPLY_BF16] = variants.run_apply_instruction(bench, rows, settings, arrow_batch_rows,
+        results[variants.APPLY_BF16] = variants.run_apply_instruction(bench, rows, request, config, arrow_batch_rows,
                                                                       dtype="bfloat16", variant=variants.APPLY_BF16)
     batched = [b for b in args.mlflow_batch_sizes if b > 1]
     batched_uri = register_batched_pyfunc(bench) if batched else None
@@ -154,13 +156,13 @@ def run_model(spark, key: str, args: argparse.Namespace, machine: dict[str, Any]
         variants.reconcile_mlflow_counts(results[variants.mlflow_variant(batch_size)], results[variants.PIPELINE],
                                          engine.tokenizer)
     log.info("%s: (d) bare engine", key)
-    results[variants.ENGINE] = variants.run_bare_engine(engine, rows, arrow_batch_rows)
+    results[variants.ENGINE] = variants.run_bare_engine(engine, rows, request, arrow_batch_rows)
     if args.long_instruction:
         log.info("%s: (a) and (d) with the long instruction", key)
         results[variants.APPLY_LONG] = variants.run_apply_instruction(
-            bench, rows, settings, arrow_batch_rows, instruction=LONG_INSTRUCTION, variant=variants.APPLY_LONG)
+            bench, rows, request, config, arrow_batch_rows, instruction=LONG_INSTRUCTION, variant=variants.APPLY_LONG)
         results[variants.ENGINE_LONG] = variants.run_bare_engine(
-            engine, rows, arrow_batch_rows, instruction=LONG_INSTRUCTION, variant=variants.ENGINE_LONG)
+            engine, rows, request, arrow_batch_rows, instruction=LONG_INSTRUCTION, variant=variants.ENGINE_LONG)
 
     meta = {
         "default_precision": "bf16" if engine.model.dtype == torch.bfloat16 else "fp32",

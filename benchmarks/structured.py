@@ -74,9 +74,10 @@ def dolly_items(path: Path) -> list[dict[str, Any]]:
     return items
 
 
-def timed(engine, instructions: list[str], contexts: list[str | None]) -> tuple[list, float]:
+def timed(run, instructions: list[str], contexts: list[str | None]) -> tuple[list, float]:
+    """``run(instructions, contexts)``'s results and seconds."""
     started = time.perf_counter()
-    results = engine.run(instructions, contexts)
+    results = run(instructions, contexts)
     return results, time.perf_counter() - started
 
 
@@ -87,34 +88,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     import dataclasses
 
     from benchmarks.machine import cpu_model
-    from dolly_spark.demo import (DEMO_REPETITION_CONTROL, TRIAGE_FIELDS, TRIAGE_INSTRUCTION, TRIAGE_LABELS,
+    from dolly_spark.batch.demo import (DEMO_REPETITION_CONTROL, TRIAGE_FIELDS, TRIAGE_INSTRUCTION, TRIAGE_LABELS,
                                   TRIAGE_SCHEMA, demo_checkpoint, sample_labels, sample_tickets)
-    from dolly_spark.engine import GenerationSettings, InstructionEngine
+    from dolly_spark.inference.engine import InstructionEngine
+    from dolly_spark.inference.engines import Rows
+    from dolly_spark.request import Request
     from dolly_spark.prompts import choice_instruction
-    from dolly_spark.structured import json_schema
+    from dolly_spark.spark.structured import json_schema
 
     checkpoint = str(demo_checkpoint())
     # The repetition control the demo model is registered with, as the jobs run it.
-    base = GenerationSettings(max_new_tokens=args.max_new_tokens, **DEMO_REPETITION_CONTROL)
-    engine = InstructionEngine.from_pretrained(checkpoint, "chat", base)
+    base = Request(max_new_tokens=args.max_new_tokens, **DEMO_REPETITION_CONTROL)
+    engine = InstructionEngine.from_pretrained(checkpoint, prompt_format="chat")
     tickets = sample_tickets()
     expected = sample_labels()
     bodies = [ticket["body"] for ticket in tickets]
     gold = [expected[ticket["ticket_id"]] for ticket in tickets]
     instructions = [TRIAGE_INSTRUCTION] * len(tickets)
 
-    def engine_for(**settings):
-        return InstructionEngine(engine.model, engine.tokenizer, "chat", dataclasses.replace(base, **settings))
+    def runner(**settings):
+        """Runs rows through the engine with the base request changed by ``settings``."""
+        request = dataclasses.replace(base, **settings)
+        return lambda instructions, contexts=None: engine.run(Rows(instructions, contexts), request)
 
+    free_run = runner()
     # One row first, so no mode pays for the first call's one-off costs in its timing.
-    engine.run([TRIAGE_INSTRUCTION], bodies[:1])
+    free_run([TRIAGE_INSTRUCTION], bodies[:1])
     log.info("free generation, %d tickets", len(tickets))
-    free, free_seconds = timed(engine, [choice_instruction(TRIAGE_INSTRUCTION, TRIAGE_LABELS)] * len(tickets), bodies)
+    free, free_seconds = timed(free_run, [choice_instruction(TRIAGE_INSTRUCTION, TRIAGE_LABELS)] * len(tickets), bodies)
     log.info("choices")
-    scored, choice_seconds = timed(engine_for(choices=tuple(TRIAGE_LABELS)), instructions, bodies)
+    scored, choice_seconds = timed(runner(choices=tuple(TRIAGE_LABELS)), instructions, bodies)
     log.info("schema")
     schema_text = json.dumps(json_schema(TRIAGE_FIELDS))
-    extracted, schema_seconds = timed(engine_for(json_schema=schema_text), instructions, bodies)
+    extracted, schema_seconds = timed(runner(json_schema=schema_text), instructions, bodies)
 
     free_labels = [matched_label(result.response, TRIAGE_LABELS) for result in free]
     tickets_report = {
@@ -139,8 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     dolly_report: dict[str, Any] = {"items": len(items)}
     if items:
         log.info("dolly classification items: %d", len(items))
-        scored_items = [engine_for(choices=tuple(item["choices"])).run([item["instruction"]])[0] for item in items]
-        free_items = [engine.run([choice_instruction(item["instruction"], item["choices"])])[0] for item in items]
+        scored_items = [runner(choices=tuple(item["choices"]))([item["instruction"]])[0] for item in items]
+        free_items = [free_run([choice_instruction(item["instruction"], item["choices"])])[0] for item in items]
         dolly_report.update({
             "choices_accuracy": sum(r.label == i["label"] for r, i in zip(scored_items, items)) / len(items),
             "free_generation_accuracy": sum(matched_label(r.response, i["choices"]) == i["label"]

@@ -30,7 +30,10 @@ from benchmarks.bench_models import BenchModel
 from benchmarks.padding import RowTokens, replay, single_run_rows
 from benchmarks.per_row_pipeline import count_loads, per_row_pipeline_udf
 from benchmarks.workload import INSTRUCTION
-from dolly_spark.engine import EngineStats, GenerationSettings, InstructionEngine
+from dolly_spark.inference.engine import InstructionEngine
+from dolly_spark.inference.engines import EngineConfig, Rows
+from dolly_spark.inference.results import EngineStats
+from dolly_spark.request import Request
 
 APPLY, MLFLOW, PIPELINE, ENGINE = "apply_instruction", "mlflow_spark_udf", "per_row_pipeline", "engine"
 # (a) again with dtype="bfloat16": an opt-in for CPUs with bf16 matrix units (AMX); reported
@@ -105,41 +108,38 @@ def _timed(action: Callable[[], Any]) -> tuple[Any, float]:
 
 
 # --------------------------------------------------------------------------------------------
-def run_apply_instruction(bench: BenchModel, rows: BenchRows, settings: GenerationSettings,
+def run_apply_instruction(bench: BenchModel, rows: BenchRows, request: Request, config: EngineConfig,
                           arrow_batch_rows: int, dtype: str | None = None, instruction: str = INSTRUCTION,
                           variant: str = APPLY) -> VariantResult:
     """(a): apply_instruction over the DataFrame; padding waste and micro-batches replayed from the
     result struct. With ``dtype`` the model runs in that dtype instead of the device default (fp32
     on a CPU). After the timed run, the same rows again with max_new_tokens=1 (prefill and the
-    first token) time the prefill phase."""
+    first token) time the prefill phase. Model loads happen in the Python workers, which print
+    them to the executors' logs: they are not counted here."""
     from dolly_spark import apply_instruction
-    from dolly_spark.models import load_count
 
-    def plan(df: DataFrame, max_new_tokens: int = settings.max_new_tokens) -> DataFrame:
+    def plan(df: DataFrame, max_new_tokens: int = request.max_new_tokens) -> DataFrame:
         out = apply_instruction(
             df, instruction, model_uri=bench.uri, input_col="body", max_new_tokens=max_new_tokens,
-            token_budget=settings.token_budget, max_batch_rows=settings.max_batch_rows, dtype=dtype,
+            token_budget=config.token_budget, max_batch_rows=config.max_batch_rows, dtype=dtype,
             # The same greedy work as the per-row routes, whatever the version registers.
-            repetition_penalty=settings.repetition_penalty, no_repeat_ngram_size=settings.no_repeat_ngram_size,
+            repetition_penalty=request.repetition_penalty, no_repeat_ngram_size=request.no_repeat_ngram_size,
         )
         return out.select("ticket_id", F.spark_partition_id().alias("partition"), "response.*")
 
-    loads_before = load_count(bench.spec)
     _, warm_seconds = _timed(plan(rows.warm_df).collect)
-    loads_after_warmup = load_count(bench.spec)
     timed_plan = plan(rows.df)
     collected, seconds = _timed(timed_plan.collect)
-    loads_after = load_count(bench.spec)
     _, prefill_seconds = _timed(plan(rows.df, max_new_tokens=1).collect)
 
     tokens = [RowTokens(r["partition"], r["prompt_tokens"], r["completion_tokens"], r["finish_reason"]) for r in collected]
-    stats, work = replay(tokens, settings, arrow_batch_rows)
+    stats, work = replay(tokens, request.max_new_tokens, config, arrow_batch_rows)
     return VariantResult(
         variant, len(collected), seconds,
         prompt_tokens=sum(r["prompt_tokens"] for r in collected),
         generated_tokens=sum(r["completion_tokens"] for r in collected),
         token_counts_from="engine", warmup_seconds=warm_seconds,
-        loads_warmup=loads_after_warmup - loads_before, loads_timed=loads_after - loads_after_warmup,
+        loads_warmup=None, loads_timed=None,
         padding_waste=stats.padding_waste, error_rows=sum(1 for r in collected if r["error"]),
         extra={"micro_batches": stats.micro_batches, "micro_batch_work": work,
                "finish_reasons": _histogram(r["finish_reason"] for r in collected),
@@ -151,7 +151,7 @@ def run_apply_instruction(bench: BenchModel, rows: BenchRows, settings: Generati
 def run_mlflow_spark_udf(spark: SparkSession, bench: BenchModel, rows: BenchRows, max_new_tokens: int,
                          tokenizer: Any, batch_size: int = 1, model_uri: str | None = None) -> VariantResult:
     """(b): mlflow.pyfunc.spark_udf on the same registered version, whose stored inference
-    config is greedy (dolly_spark.registry.log_and_register stores do_sample=False), with
+    config is greedy (dolly_spark.lifecycle.registry.log_and_register stores do_sample=False), with
     max_new_tokens as an inference param, which the signature declares.
 
     ``batch_size`` above 1 needs ``model_uri``: a version whose signature also declares
@@ -221,7 +221,7 @@ def reconcile_mlflow_counts(mlflow_result: VariantResult, pipeline_result: Varia
     text and settings, greedy, so a row whose text is identical in both generated the same
     tokens, and (c) counted those exactly; only rows whose texts differ are re-tokenized.
     (Without do_sample=False stored in the model, the pipeline would sample and no row would
-    match: see dolly_spark.registry.log_and_register.)
+    match: see dolly_spark.lifecycle.registry.log_and_register.)
     """
     total, same = 0, 0
     for key, (text, _) in mlflow_result.per_row.items():
@@ -241,19 +241,18 @@ def reconcile_mlflow_counts(mlflow_result: VariantResult, pipeline_result: Varia
     mlflow_result.extra["rows_with_same_text_as_per_row_pipeline"] = f"{same}/{len(mlflow_result.per_row)}"
 
 
-def run_bare_engine(engine: InstructionEngine, rows: BenchRows, arrow_batch_rows: int,
+def run_bare_engine(engine: InstructionEngine, rows: BenchRows, request: Request, arrow_batch_rows: int,
                     instruction: str = INSTRUCTION, variant: str = ENGINE) -> VariantResult:
     """(d): the engine in this process on all rows in one run, after a warm-up run."""
-    _, warm_seconds = _timed(lambda: engine.run([instruction] * len(rows.warm_bodies), rows.warm_bodies,
-                                                require_context=True))
+    _, warm_seconds = _timed(lambda: engine.run(Rows([instruction] * len(rows.warm_bodies), rows.warm_bodies),
+                                                request))
     before = copy.deepcopy(engine.stats)
-    results, seconds = _timed(lambda: engine.run([instruction] * len(rows.bodies), rows.bodies,
-                                                 require_context=True))
+    results, seconds = _timed(lambda: engine.run(Rows([instruction] * len(rows.bodies), rows.bodies), request))
     stats = _counted_since(before, engine.stats)  # the timed run only
     # The same replay that gives (a) its padding waste and micro-batches, checked here against
     # the real counters.
-    replayed, work = replay(single_run_rows(results), engine.settings, len(results))
-    prefill_seconds = first_token_seconds(engine, rows.bodies, instruction)
+    replayed, work = replay(single_run_rows(results), request.max_new_tokens, engine.config, len(results))
+    prefill_seconds = first_token_seconds(engine, rows.bodies, request, instruction)
     return VariantResult(
         variant, len(results), seconds,
         prompt_tokens=sum(r.prompt_tokens for r in results),
@@ -283,12 +282,12 @@ def _counted_since(before: EngineStats, after: EngineStats) -> EngineStats:
     return type(after)(**counted)
 
 
-def first_token_seconds(engine: InstructionEngine, bodies: list[str], instruction: str = INSTRUCTION) -> float:
+def first_token_seconds(engine: InstructionEngine, bodies: list[str], request: Request,
+                        instruction: str = INSTRUCTION) -> float:
     """Seconds of the same rows again with max_new_tokens=1 (the prompts' prefill and the first
-    token) on the same model."""
-    first_token_only = InstructionEngine(engine.model, engine.tokenizer, engine.format,
-                                         replace(engine.settings, max_new_tokens=1))
-    _, seconds = _timed(lambda: first_token_only.run([instruction] * len(bodies), bodies, require_context=True))
+    token) on the same engine."""
+    first_token_only = replace(request, max_new_tokens=1)
+    _, seconds = _timed(lambda: engine.run(Rows([instruction] * len(bodies), bodies), first_token_only))
     return seconds
 
 

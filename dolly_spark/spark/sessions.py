@@ -14,10 +14,12 @@ import logging
 import os
 import sys
 from importlib.metadata import version
+from pathlib import Path
 
 from pyspark.sql import SparkSession
 
 from dolly_spark.paths import MODEL_CACHE_ENV_VAR, project_home
+from dolly_spark.spark.log_config import log4j2_properties
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +120,7 @@ def _local_session(app_name: str, master: str, wanted: dict[str, str]) -> SparkS
     conf = {
         **_embedded_catalog_conf(),
         **_local_model_cache_conf(),
-        "spark.driver.extraJavaOptions": f"-Dderby.system.home={home}",
+        "spark.driver.extraJavaOptions": f"-Dderby.system.home={home} -Dlog4j2.configurationFile={_log_config(home)}",
         "spark.pyspark.python": sys.executable,
         "spark.jars.packages": delta_package(),
         **wanted,
@@ -128,6 +130,15 @@ def _local_session(app_name: str, master: str, wanted: dict[str, str]) -> SparkS
         builder = builder.config(key, value)
     log.info("starting a local Spark session (%s) with Delta Lake; tables under %s", master, home)
     return builder.getOrCreate()
+
+
+def _log_config(home: Path) -> str:
+    """The package's log4j2 configuration (``log_config``) for a session it starts, written
+    under the project home; its URI."""
+    path = home / "log4j2.properties"
+    if not path.exists() or path.read_text(encoding="utf-8") != log4j2_properties():
+        path.write_text(log4j2_properties(), encoding="utf-8")
+    return path.as_uri()
 
 
 def _launcher_session(app_name: str, wanted: dict[str, str]) -> SparkSession:

@@ -9,7 +9,7 @@ from benchmarks.report import markdown, model_entry
 from benchmarks.roofline import MicroBatch
 from benchmarks.variants import (APPLY, APPLY_LONG, ENGINE, ENGINE_LONG, MLFLOW, PIPELINE, VariantResult,
                                  mlflow_variant)
-from dolly_spark.inference.engine import GenerationSettings
+from dolly_spark.inference.engines import EngineConfig
 
 GB = 1e9
 
@@ -87,10 +87,10 @@ def test_markdown_shows_every_variant_and_the_roofline():
 
 
 def test_replay_gives_each_micro_batch_its_worker_rows_prompt_tokens_and_steps():
-    settings = GenerationSettings(max_new_tokens=8, token_budget=16384, max_batch_rows=3)
+    config = EngineConfig(token_budget=16384, max_batch_rows=3)
     rows = [RowTokens(0, 10, 8, "length"), RowTokens(0, 20, 3, "stop"), RowTokens(0, 30, 5, "stop"),
             RowTokens(0, 40, 2, "stop"), RowTokens(1, 50, 7, "stop")]
-    stats, work = replay(rows, settings, arrow_batch_rows=1024)
+    stats, work = replay(rows, 8, config, arrow_batch_rows=1024)
     # Partition 0's rows, longest first, in micro-batches of at most 3 rows; partition 1 alone.
     assert work == [MicroBatch(0, 3, 90, 5), MicroBatch(0, 1, 10, 8), MicroBatch(1, 1, 50, 7)]
     assert sum(b.rows * b.steps for b in work) == stats.generated_slots
