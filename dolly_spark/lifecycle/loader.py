@@ -31,6 +31,7 @@ DOWNLOAD_LEDGER = "downloads.log"
 _models: dict[tuple, object] = {}  # (spec, gpu, engine, dtype) -> a loaded engine; at most one entry
 _engines: dict[tuple, object] = {}  # ((spec, gpu, engine, dtype), config) -> an engine on that model
 _engines_lock = threading.Lock()
+_process_loads = 0  # models this process loaded, for its log lines
 
 
 def version_cache_dir(spec: ModelSpec, cache_root: str | None = None) -> Path:
@@ -146,9 +147,13 @@ def _load(model_key: tuple, config: EngineConfig, cache_root: str | None):
                                                          gpu_index)
     # stderr, not logging: Spark's Python workers configure no log handler, and their stderr
     # lands in the executor's log.
+    # Numbered per process, so a log that repeats a line (an executor's log may) still shows
+    # whether one process loaded twice.
+    global _process_loads
+    _process_loads += 1
     print(f"dolly_spark: loaded {spec.name} version {spec.version} with engine {config.engine} on {engine.device} "
-          f"in {time.perf_counter() - started:.1f}s (host {socket.gethostname()}, pid {os.getpid()})",
-          file=sys.stderr, flush=True)
+          f"in {time.perf_counter() - started:.1f}s (host {socket.gethostname()}, pid {os.getpid()}, "
+          f"load {_process_loads} of this process)", file=sys.stderr, flush=True)
     return engine
 
 

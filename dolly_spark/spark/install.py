@@ -5,7 +5,9 @@ it any more. A real Spark installation keeps such settings in ``conf/spark-defau
 ``dolly-spark setup-spark`` writes them into the conf directory of the pyspark installed here
 (``$SPARK_CONF_DIR`` when set), as a cluster's administrator would: Delta's package, its SQL
 extension and catalog, and a log4j2 configuration that keeps Spark's console output at WARN, less
-the internal warnings every run prints (``log_config``), so a job shows its own progress lines. Settings already in the file are kept.
+the internal warnings every run prints (``log_config``), so a job shows its own progress lines.
+Settings already in ``spark-defaults.conf`` are kept, and so is a ``log4j2.properties`` of the
+user's own (or one of the package's that was edited).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from dolly_spark.spark.log_config import log4j2_properties, written_by_the_package
+from dolly_spark.spark.log_config import write_unless_edited
 from dolly_spark.spark.sessions import DELTA_CATALOG, DELTA_EXTENSION, delta_package
 
 log = logging.getLogger(__name__)
@@ -55,9 +57,9 @@ def read_defaults(path: Path) -> dict[str, str]:
 
 def setup_spark(conf_dir: Path | None = None) -> Path:
     """Add the missing settings to ``spark-defaults.conf`` in ``conf_dir`` (default:
-    ``spark_conf_dir()``) and the package's ``log4j2.properties`` when there is none (or an older one
-    of the package's own); return the
-    defaults file. Running it again changes nothing."""
+    ``spark_conf_dir()``) and the package's ``log4j2.properties`` unless the user has one there
+    (an unedited earlier version of the package's is replaced); return the defaults file.
+    Running it again changes nothing."""
     conf_dir = conf_dir or spark_conf_dir()
     conf_dir.mkdir(parents=True, exist_ok=True)
     defaults = conf_dir / "spark-defaults.conf"
@@ -71,10 +73,8 @@ def setup_spark(conf_dir: Path | None = None) -> Path:
         defaults.write_text(existing + separator + "\n".join(lines) + "\n", encoding="utf-8")
         log.info("wrote %s to %s", ", ".join(missing), defaults)
     log4j = conf_dir / "log4j2.properties"
-    # Written when missing, and brought up to date when an earlier version of it is there.
-    if not log4j.exists() or (written_by_the_package(log4j.read_text(encoding="utf-8"))
-                              and log4j.read_text(encoding="utf-8") != log4j2_properties()):
-        log4j.write_text(log4j2_properties(), encoding="utf-8")
+    if not write_unless_edited(log4j):
+        log.info("kept %s, a log4j2 configuration of your own", log4j)
     stale = present.get("spark.jars.packages")
     if stale and delta_package() not in stale.split(","):
         log.warning("%s sets spark.jars.packages to %s, without %s that the installed delta-spark needs",

@@ -19,7 +19,7 @@ from pathlib import Path
 from pyspark.sql import SparkSession
 
 from dolly_spark.paths import MODEL_CACHE_ENV_VAR, project_home
-from dolly_spark.spark.log_config import log4j2_properties
+from dolly_spark.spark.log_config import write_unless_edited, written_by_the_package
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _local_session(app_name: str, master: str, wanted: dict[str, str]) -> SparkS
     conf = {
         **_embedded_catalog_conf(),
         **_local_model_cache_conf(),
-        "spark.driver.extraJavaOptions": f"-Dderby.system.home={home} -Dlog4j2.configurationFile={_log_config(home)}",
+        "spark.driver.extraJavaOptions": f"-Dderby.system.home={home}{_log_config_option(home)}",
         "spark.pyspark.python": sys.executable,
         "spark.jars.packages": delta_package(),
         **wanted,
@@ -132,13 +132,19 @@ def _local_session(app_name: str, master: str, wanted: dict[str, str]) -> SparkS
     return builder.getOrCreate()
 
 
-def _log_config(home: Path) -> str:
-    """The package's log4j2 configuration (``log_config``) for a session it starts, written
-    under the project home; its URI."""
+def _log_config_option(home: Path) -> str:
+    """The JVM option that gives a session the package starts its log4j2 configuration
+    (``log_config``): ``log4j2.properties`` under the project home, written there unless edited.
+    Empty when Spark's conf directory holds a ``log4j2.properties`` of the user's own: the JVM reads
+    that one from its classpath, as ``spark-submit`` does."""
+    from dolly_spark.spark.install import spark_conf_dir  # install imports this module
+
+    in_conf_dir = spark_conf_dir() / "log4j2.properties"
+    if in_conf_dir.exists() and not written_by_the_package(in_conf_dir.read_text(encoding="utf-8")):
+        return ""
     path = home / "log4j2.properties"
-    if not path.exists() or path.read_text(encoding="utf-8") != log4j2_properties():
-        path.write_text(log4j2_properties(), encoding="utf-8")
-    return path.as_uri()
+    write_unless_edited(path)
+    return f" -Dlog4j2.configurationFile={path.as_uri()}"
 
 
 def _launcher_session(app_name: str, wanted: dict[str, str]) -> SparkSession:
