@@ -15,8 +15,9 @@ and, as an extra continuous-batching data point, a Llama-architecture model of a
 size through (2) and (3). Random weights generate random tokens, so throughput is meaningful and
 the text is not. Greedy decoding throughout.
 
-Only dolly_spark.inference.engine / .prompts / .devices / .testing (its tokenizer builder) and
-benchmarks.workload are imported, none of which imports pyspark or mlflow; a guard below makes
+Only dolly_spark.inference (the engine, its configuration and devices), .request, .prompts,
+.testing.tiny_models (its tokenizer builder) and benchmarks.workload are imported, none of which
+imports pyspark or mlflow; a guard below makes
 them look uninstalled, so any import of them fails and a run proves it. ``--cpu-smoke`` shrinks the
 models to 2 layers of hidden 256 and the workload to 8 rows, to check the script on a CPU box.
 """
@@ -148,7 +149,7 @@ def run_pipeline(model, tokenizer, prompts: list[str], warm: list[str], max_new_
         timed(device, lambda: generate(warm))
     _, first_pass = timed(device, lambda: generate(prompts))
     (prompt_tokens, generated_tokens), seconds = timed(device, lambda: generate(prompts))
-    del pipe
+    # The pipeline (and the closure over it) goes with this frame: nothing else holds it.
     return {**_figures(len(prompts), seconds, prompt_tokens, generated_tokens), "first_pass_seconds": first_pass}
 
 

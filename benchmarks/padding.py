@@ -4,8 +4,9 @@ The engines that did the work live in the Spark Python workers, and their Engine
 reach the driver. What does reach it is enough to recompute them exactly: each row's partition,
 prompt_tokens, completion_tokens and finish_reason. The rows of a partition reach the engine in
 Arrow batches of ``spark.sql.execution.arrow.maxRecordsPerBatch`` rows, one ``engine.run`` each;
-the engine's own ``micro_batches`` (called here, not copied, so the replay cannot drift from it)
-cuts each run into micro-batches; a micro-batch pads every prompt to its longest and decodes
+the planner functions the engine plans with (``dolly_spark.inference.planner.micro_batches`` and
+``prefill_groups``, called here, not copied, so the replay cannot drift from them) cut each run
+into micro-batches and their prefill groups; a micro-batch pads every prompt to its longest and decodes
 until its slowest row stops, which is its largest completion_tokens. The same replay gives each
 micro-batch's rows, prompt tokens and decoding steps, for the roofline figures.
 """

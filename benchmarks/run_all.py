@@ -109,12 +109,16 @@ def prompt_token_stats(engine, instruction: str, bodies: list[str]) -> dict[str,
     return {"min": min(lengths), "max": max(lengths), "mean": statistics.mean(lengths)}
 
 
-def run_model(spark, key: str, args: argparse.Namespace, machine: dict[str, Any], ledger_dir: str) -> dict[str, Any]:
-    """All variants of one model on the same registered version and the same rows."""
+def run_model(spark, key: str, args: argparse.Namespace, machine: dict[str, Any], ledger_dir: str,
+              tap=None) -> dict[str, Any]:
+    """All variants of one model on the same registered version and the same rows. ``tap`` (a
+    ``StderrTap`` that sees the workers' stderr) counts (a)'s model loads; without it they are
+    not counted."""
     from benchmarks import variants
     from benchmarks.bench_models import (mlflow_input_for, parameter_counts, pipeline_batch_check, prepare_model,
                                          register_batched_pyfunc)
     from benchmarks.report import model_entry
+    from benchmarks.stderr_tap import load_prefix
     from benchmarks.workload import INSTRUCTION, LONG_INSTRUCTION, generate_tickets
     import torch
 
@@ -134,14 +138,18 @@ def run_model(spark, key: str, args: argparse.Namespace, machine: dict[str, Any]
     warm = generate_tickets(args.warmup_rows, args.seed + 1)
     rows = build_rows(spark, tickets, warm, engine, bench.prompt_template)
     arrow_batch_rows = int(spark.conf.get(ARROW_BATCH_CONF))
+    # The lines (a)'s workers print for each load of this version, seen so far.
+    loads = tap.counter(load_prefix(bench.spec.name, bench.spec.version)) if tap is not None else None
 
     results = {}
     log.info("%s: (a) apply_instruction", key)
-    results[variants.APPLY] = variants.run_apply_instruction(bench, rows, request, config, arrow_batch_rows)
+    results[variants.APPLY] = variants.run_apply_instruction(bench, rows, request, config, arrow_batch_rows,
+                                                             loads=loads)
     if args.bf16:
         log.info("%s: (a) apply_instruction, dtype=bfloat16", key)
         results[variants.APPLY_BF16] = variants.run_apply_instruction(bench, rows, request, config, arrow_batch_rows,
-                                                                      dtype="bfloat16", variant=variants.APPLY_BF16)
+                                                                      dtype="bfloat16", variant=variants.APPLY_BF16,
+                                                                      loads=loads)
     batched = [b for b in args.mlflow_batch_sizes if b > 1]
     batched_uri = register_batched_pyfunc(bench) if batched else None
     for batch_size in args.mlflow_batch_sizes:
@@ -160,7 +168,8 @@ def run_model(spark, key: str, args: argparse.Namespace, machine: dict[str, Any]
     if args.long_instruction:
         log.info("%s: (a) and (d) with the long instruction", key)
         results[variants.APPLY_LONG] = variants.run_apply_instruction(
-            bench, rows, request, config, arrow_batch_rows, instruction=LONG_INSTRUCTION, variant=variants.APPLY_LONG)
+            bench, rows, request, config, arrow_batch_rows, instruction=LONG_INSTRUCTION, variant=variants.APPLY_LONG,
+            loads=loads)
         results[variants.ENGINE_LONG] = variants.run_bare_engine(
             engine, rows, request, arrow_batch_rows, instruction=LONG_INSTRUCTION, variant=variants.ENGINE_LONG)
 
@@ -196,22 +205,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks.bench_models import configure_bench_mlflow, describe_registry
     from benchmarks.machine import measure_machine
     from benchmarks.report import markdown, write_reports
+    from benchmarks.stderr_tap import StderrTap, worker_stderr_reaches
     from benchmarks.variants import probe_worker_threads
 
     # Measured first, before the JVM and the models are up, so nothing else competes with it.
     log.info("measuring the matmul peak and the read bandwidth")
     machine = measure_machine(worker_precisions=("fp32", "bf16") if args.bf16 else ("fp32",))
     configure_bench_mlflow()
-    spark = start_spark()
-    machine["spark_workers"] = probe_worker_threads(spark, PARTITIONS)
-    entries = []
-    with tempfile.TemporaryDirectory(prefix="dolly-bench-") as ledger_dir:
-        for key in args.models:
-            entries.append(run_model(spark, key, args, machine, ledger_dir))
+    # Before the JVM starts, so it inherits the tapped stderr: the Python workers' load lines
+    # come through it (benchmarks/stderr_tap.py).
+    tap = StderrTap().start()
+    try:
+        spark = start_spark()
+        machine["spark_workers"] = probe_worker_threads(spark, PARTITIONS)
+        loads_counted = worker_stderr_reaches(spark, tap, PARTITIONS)
+        if not loads_counted:
+            log.warning("the Python workers' stderr does not reach this process: (a)'s model loads are not counted")
+        entries = []
+        with tempfile.TemporaryDirectory(prefix="dolly-bench-") as ledger_dir:
+            for key in args.models:
+                entries.append(run_model(spark, key, args, machine, ledger_dir, tap if loads_counted else None))
+    finally:
+        tap.close()
     report = {
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": time.perf_counter() - started,
         "spark_master": spark.sparkContext.master,
+        # Whether (a)'s model loads were counted from the workers' load lines.
+        "worker_loads_counted": loads_counted,
         "settings": {"rows": args.rows, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
                      "warmup_rows": args.warmup_rows, "token_budget": args.token_budget,
                      "max_batch_rows": args.max_batch_rows, "models": args.models, "bf16": args.bf16,

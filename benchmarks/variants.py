@@ -110,12 +110,14 @@ def _timed(action: Callable[[], Any]) -> tuple[Any, float]:
 # --------------------------------------------------------------------------------------------
 def run_apply_instruction(bench: BenchModel, rows: BenchRows, request: Request, config: EngineConfig,
                           arrow_batch_rows: int, dtype: str | None = None, instruction: str = INSTRUCTION,
-                          variant: str = APPLY) -> VariantResult:
+                          variant: str = APPLY, loads: Callable[[], int] | None = None) -> VariantResult:
     """(a): apply_instruction over the DataFrame; padding waste and micro-batches replayed from the
     result struct. With ``dtype`` the model runs in that dtype instead of the device default (fp32
     on a CPU). After the timed run, the same rows again with max_new_tokens=1 (prefill and the
-    first token) time the prefill phase. Model loads happen in the Python workers, which print
-    them to the executors' logs: they are not counted here."""
+    first token) time the prefill phase. Model loads happen in the Python workers, which print a
+    line for each; ``loads`` (the number of those lines for this model seen so far, see
+    ``benchmarks.stderr_tap``) is read before and after the warm-up and the timed run, outside
+    the clock. Without it, loads are not counted."""
     from dolly_spark import apply_instruction
 
     def plan(df: DataFrame, max_new_tokens: int = request.max_new_tokens) -> DataFrame:
@@ -127,9 +129,12 @@ def run_apply_instruction(bench: BenchModel, rows: BenchRows, request: Request, 
         )
         return out.select("ticket_id", F.spark_partition_id().alias("partition"), "response.*")
 
+    loads_before = loads() if loads else None
     _, warm_seconds = _timed(plan(rows.warm_df).collect)
+    loads_after_warmup = loads() if loads else None
     timed_plan = plan(rows.df)
     collected, seconds = _timed(timed_plan.collect)
+    loads_after = loads() if loads else None
     _, prefill_seconds = _timed(plan(rows.df, max_new_tokens=1).collect)
 
     tokens = [RowTokens(r["partition"], r["prompt_tokens"], r["completion_tokens"], r["finish_reason"]) for r in collected]
@@ -139,7 +144,8 @@ def run_apply_instruction(bench: BenchModel, rows: BenchRows, request: Request, 
         prompt_tokens=sum(r["prompt_tokens"] for r in collected),
         generated_tokens=sum(r["completion_tokens"] for r in collected),
         token_counts_from="engine", warmup_seconds=warm_seconds,
-        loads_warmup=None, loads_timed=None,
+        loads_warmup=None if loads is None else loads_after_warmup - loads_before,
+        loads_timed=None if loads is None else loads_after - loads_after_warmup,
         padding_waste=stats.padding_waste, error_rows=sum(1 for r in collected if r["error"]),
         extra={"micro_batches": stats.micro_batches, "micro_batch_work": work,
                "finish_reasons": _histogram(r["finish_reason"] for r in collected),
