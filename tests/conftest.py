@@ -75,12 +75,20 @@ def no_jobs_ran(spark, action):
     return raised.value, not spark.sparkContext.statusTracker().getJobIdsForGroup(group)
 
 
+def shared_sample() -> Path:
+    """The dolly-15k sample beside the repository (``../shared/data``). Tests that tokenise,
+    train or score on it fail without it rather than quietly use other data."""
+    if not SHARED_DATA.exists():
+        pytest.fail(f"{SHARED_DATA} is missing: the tests read the dolly-15k sample from ../shared/data beside "
+                    "the repository (see its README)", pytrace=False)
+    return SHARED_DATA
+
+
 def tokenizer_corpus() -> list[str]:
     texts = []
-    for source in (SHARED_DATA, PACKAGE_TICKETS):
-        if source.exists():
-            for line in source.read_text(encoding="utf-8").splitlines():
-                texts.extend(str(value) for value in json.loads(line).values())
+    for source in (shared_sample(), PACKAGE_TICKETS):
+        for line in source.read_text(encoding="utf-8").splitlines():
+            texts.extend(str(value) for value in json.loads(line).values())
     return texts
 
 
@@ -113,6 +121,16 @@ def tiny_llama(tiny_model):
                          num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return LlamaForCausalLM(config).eval(), tokenizer
+
+
+@pytest.fixture(scope="session")
+def seeded_home(tmp_path_factory, tiny_model_dir) -> Path:
+    """One project home as `make demo` leaves it, with the tiny model as support_dolly version 1
+    (champion), shared by the tests that run the README's commands in subprocesses. Each writes
+    its own tables, or says which it expects to find."""
+    from project_home import seed_home
+
+    return seed_home(tmp_path_factory.mktemp("seeded") / "home", tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

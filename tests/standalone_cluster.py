@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -15,10 +15,21 @@ from pathlib import Path
 
 from project_home import job_env
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+# The daemons bind ports the system picks (0), so no port probed free can be taken before a JVM
+# binds it; the master's web UI address is read from its log, which this config keeps at INFO
+# for that line only (the executors keep the Spark conf's own logging).
+DAEMON_LOG_CONFIG = """\
+rootLogger.level = warn
+rootLogger.appenderRef.stderr.ref = stderr
+appender.stderr.type = Console
+appender.stderr.name = stderr
+appender.stderr.target = SYSTEM_ERR
+appender.stderr.layout.type = PatternLayout
+appender.stderr.layout.pattern = %d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n
+logger.webui.name = org.apache.spark.deploy.master.ui.MasterWebUI
+logger.webui.level = info
+"""
+WEB_UI_LINE = re.compile(r"Bound MasterWebUI to [^,]+, and started at (http://\S+)")
 
 
 def spark_class() -> str:
@@ -32,8 +43,8 @@ class StandaloneCluster:
 
     def __init__(self, root: Path, workers: int = 2, cores: int = 1, memory: str = "2g"):
         self.root = root
-        self.port, self.webui_port = free_port(), free_port()
-        self.url = f"spark://127.0.0.1:{self.port}"
+        self.url = ""  # spark://127.0.0.1:<port>, known once the master is up
+        self.webui = ""  # http://127.0.0.1:<port>
         self.worker_count, self.cores, self.memory = workers, cores, memory
         self.master: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
@@ -54,17 +65,24 @@ class StandaloneCluster:
         # Executors inherit their worker's environment: the venv first on PATH gives their
         # Python workers this interpreter, as an activated venv does on a real node.
         venv_bin = str(Path(os.sys.executable).parent)
+        log_config = self.root / "daemon-log4j2.properties"
         return job_env(self.root / "unused-home", PATH=f"{venv_bin}:{os.environ['PATH']}",
-                       SPARK_LOG_DIR=str(self.root / "logs"), **extra)
+                       SPARK_LOG_DIR=str(self.root / "logs"),
+                       SPARK_DAEMON_JAVA_OPTS=f"-Dlog4j2.configurationFile={log_config}", **extra)
 
     def _start(self) -> None:
         logs = self.root / "logs"
         logs.mkdir(parents=True, exist_ok=True)
+        (self.root / "daemon-log4j2.properties").write_text(DAEMON_LOG_CONFIG)
+        master_log = logs / "master.log"
         self.master = subprocess.Popen(
             [spark_class(), "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
-             "--port", str(self.port), "--webui-port", str(self.webui_port)],
-            env=self._env(), stdout=open(logs / "master.log", "wb"), stderr=subprocess.STDOUT)
+             "--port", "0", "--webui-port", "0"],
+            env=self._env(), stdout=open(master_log, "wb"), stderr=subprocess.STDOUT)
+        self._wait_for(lambda: WEB_UI_LINE.search(master_log.read_text(errors="replace")), "the master's web UI")
+        self.webui = WEB_UI_LINE.search(master_log.read_text(errors="replace"))[1]
         self._wait_for(lambda: self.status() is not None, "the master's status page")
+        self.url = self.status()["url"]
         for index in range(self.worker_count):
             local_dir = self.root / f"node{index}" / "local"
             work_dir = self.root / f"node{index}" / "work"
@@ -73,7 +91,7 @@ class StandaloneCluster:
             self.local_dirs.append(local_dir)
             self.workers.append(subprocess.Popen(
                 [spark_class(), "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
-                 "--cores", str(self.cores), "--memory", self.memory, "--webui-port", str(free_port()),
+                 "--cores", str(self.cores), "--memory", self.memory, "--webui-port", "0",
                  "--work-dir", str(work_dir), self.url],
                 env=self._env(SPARK_LOCAL_DIRS=str(local_dir)),
                 stdout=open(logs / f"worker{index}.log", "wb"), stderr=subprocess.STDOUT))
@@ -97,7 +115,7 @@ class StandaloneCluster:
     def status(self) -> dict | None:
         """The master's JSON status page: workers, active and completed applications."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.webui_port}/json/", timeout=5) as page:
+            with urllib.request.urlopen(f"{self.webui}/json/", timeout=5) as page:
                 return json.load(page)
         except OSError:
             return None

@@ -58,11 +58,12 @@ class Claim:
     def heartbeat(self) -> None:
         """Tell other runs this one is alive. Raises TargetBusyError when the claim was taken
         over (this run stalled past the stale limit): two writers must never go on together."""
-        from delta.tables import DeltaTable
-
         try:
-            DeltaTable.forName(self.spark, claim_table(self.target)).update(
-                F.col("claim_id") == self.claim_id, {"heartbeat_at": F.current_timestamp()})
+            # The UPDATE's commit says whether the row is still this run's: it touched one row.
+            touched = self.spark.sql(f"UPDATE {claim_table(self.target)} SET heartbeat_at = current_timestamp() "
+                                     f"WHERE claim_id = '{self.claim_id}'").first()["num_affected_rows"]
+            if touched == 1:
+                return
         except _conflicts() as exc:  # another run's claim attempt committed first: who holds it now?
             log.info("the heartbeat on %s met another run's claim: %s", self.target, str(exc).splitlines()[0])
         if not self.held():
@@ -96,14 +97,18 @@ def acquire(spark: SparkSession, target: str, owner: dict, stale_after: timedelt
     # Its holder stopped without releasing it: no heartbeat for longer than stale_after.
     stale = F.col("c.heartbeat_at") < F.current_timestamp() - F.expr(f"INTERVAL {int(stale_after.total_seconds())} SECONDS")
     try:
-        (
+        written = (
             # The table holds at most one row, the claim: any row there is the one to match.
             DeltaTable.forName(spark, table).alias("c")
             .merge(mine.alias("n"), F.lit(True))
             .whenMatchedUpdateAll(condition=stale)
             .whenNotMatchedInsertAll()
             .execute()
-        )
+        ).first()
+        # A committed MERGE that wrote this run's row holds the claim; one that wrote nothing met
+        # a live claim of another run.
+        if written["num_inserted_rows"] + written["num_updated_rows"] == 1:
+            return claim
     except _conflicts() as exc:
         log.info("claiming %s conflicted with another run's claim: %s", target, str(exc).splitlines()[0])
     if not claim.held():

@@ -44,10 +44,14 @@ def native_bf16_matmul() -> bool:
     return "amx_bf16" in cpu_flags()
 
 
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
-    """The CPU's feature flags as Linux reports them; empty where it does not."""
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags as Linux reports them in ``cpuinfo`` (``CPUINFO`` when None);
+    empty where it does not."""
     try:
-        with open(cpuinfo, encoding="utf-8") as info:
+        with open(cpuinfo or CPUINFO, encoding="utf-8") as info:
             for line in info:
                 if line.startswith("flags"):
                     return set(line.split(":", 1)[1].split())

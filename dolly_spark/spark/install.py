@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from dolly_spark.spark.log_config import write_unless_edited
-from dolly_spark.spark.sessions import DELTA_CATALOG, DELTA_EXTENSION, delta_package
+from dolly_spark.spark.sessions import DELTA_CATALOG, DELTA_EXTENSION, delta_excludes, delta_package
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ def spark_defaults() -> dict[str, str]:
     """The settings a ``spark-submit`` of this package's jobs needs from the Spark conf."""
     return {
         "spark.jars.packages": delta_package(),
+        "spark.jars.excludes": delta_excludes(),
         "spark.sql.extensions": DELTA_EXTENSION,
         "spark.sql.catalog.spark_catalog": DELTA_CATALOG,
     }

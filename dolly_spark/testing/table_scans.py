@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+LISTENER_TIMEOUT_MS = 60_000
+
 
 class TableScans:
     """The scans of a table's data files in the SQL executions Spark runs from now on, with the
@@ -11,6 +13,7 @@ class TableScans:
     or a benchmark shows that a job reads its source once, and that Delta skipped files."""
 
     def __init__(self, spark):
+        self._spark = spark
         self._store = spark._jsparkSession.sharedState().statusStore()
         self._seen = {execution.executionId() for execution in _java_list(self._store.executionsList())}
 
@@ -37,6 +40,10 @@ class TableScans:
                    for execution in self._executions())
 
     def _executions(self) -> list:
+        # The store is filled by a listener on Spark's event bus, after the action that ran an
+        # execution has returned: read it once the bus has delivered every event posted so far.
+        # (It raises a TimeoutException when the bus does not drain in that time.)
+        self._spark.sparkContext._jsc.sc().listenerBus().waitUntilEmpty(LISTENER_TIMEOUT_MS)
         return [execution for execution in _java_list(self._store.executionsList())
                 if execution.executionId() not in self._seen]
 

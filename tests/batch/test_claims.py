@@ -33,7 +33,8 @@ def test_two_runs_claiming_at_the_same_moment_exactly_one_wins(spark):
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join()
+            thread.join(timeout=120)
+            assert not thread.is_alive(), "a claim attempt hung"
         won = [o for o in outcomes if isinstance(o, claims.Claim)]
         lost = [o for o in outcomes if isinstance(o, claims.TargetBusyError)]
         assert (len(won), len(lost)) == (1, 1), [str(outcome)[:2000] for outcome in outcomes]
@@ -43,21 +44,37 @@ def test_two_runs_claiming_at_the_same_moment_exactly_one_wins(spark):
     assert spark.read.table("claimed_at_once__claim").count() == 0
 
 
-def test_a_second_run_on_a_busy_target_fails_fast_naming_the_first(spark, registered_tiny):
+def test_a_second_run_on_a_busy_target_fails_fast_naming_the_first(spark, registered_tiny, monkeypatch):
     name, _ = registered_tiny
     source = make_source(spark, "tickets_concurrent")
-    config = config_for(source, "summaries_concurrent", f"models:/{name}@champion", max_attempts=1, chunk_rows=2)
+    config = config_for(source, "summaries_concurrent", f"models:/{name}@champion", max_attempts=1)
+    # The first run holds its claim until the second has tried: whatever the machine's speed,
+    # the second run meets a busy target.
+    first_holds_claim, second_has_tried = threading.Event(), threading.Event()
+    acquire = claims.acquire
+
+    def first_run_acquire(*args, **kwargs):
+        claim = acquire(*args, **kwargs)
+        if threading.current_thread() is running:
+            first_holds_claim.set()
+            assert second_has_tried.wait(timeout=300), "the second run never tried"
+        return claim
+
+    monkeypatch.setattr(claims, "acquire", first_run_acquire)
     first: dict = {}
     running = threading.Thread(target=lambda: first.update(report=run_summarize(spark, config)))
     running.start()
     try:
-        claim = _wait_for_claim(spark, "summaries_concurrent", running)
+        assert first_holds_claim.wait(timeout=300), "the first run never claimed its target"
+        claim = spark.read.table("summaries_concurrent__claim").first()
         started = time.perf_counter()
         with pytest.raises(claims.TargetBusyError) as busy:
             run_summarize(spark, config)
         assert time.perf_counter() - started < 60  # fails fast: no generation, no scan of the source
     finally:
-        running.join()
+        second_has_tried.set()
+        running.join(timeout=600)
+    assert not running.is_alive(), "the first run did not finish"
     message = str(busy.value)
     assert "another summarize run is writing target table 'summaries_concurrent'" in message
     assert claim["claim_id"] and '"mlflow_run_id"' in claim["owner"]
@@ -82,15 +99,3 @@ def test_a_dead_runs_stale_claim_is_taken_over(spark, registered_tiny):
         run_summarize(spark, dataclasses.replace(config, claim_timeout_minutes=180))
     assert run_summarize(spark, config).rows_written == 6  # 60 minutes: the 2-hour-old claim is stale
     assert spark.read.table("summaries_stale_claim__claim").count() == 0
-
-
-def _wait_for_claim(spark, target: str, running: threading.Thread, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert running.is_alive(), "the first run ended before it was seen holding its claim"
-        if spark.catalog.tableExists(f"{target}__claim"):
-            holder = spark.read.table(f"{target}__claim").first()
-            if holder is not None:
-                return holder
-        time.sleep(0.2)
-    raise TimeoutError(f"no claim on {target} appeared")

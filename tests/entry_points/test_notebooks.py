@@ -10,7 +10,6 @@ function takes, fails here.
 """
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
 import importlib
@@ -29,11 +28,12 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import shared_sample
+
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOK_HEADER = "# Databricks notebook source"
 CELL_SEPARATOR = "# COMMAND ----------"
-SHARED_SAMPLE = REPO.parent / "shared" / "data" / "dolly15k_sample.jsonl"
 PACKAGE_TICKETS = REPO / "dolly_spark" / "data" / "sample_tickets.jsonl"
 EXPERIMENT = "notebook_runs"
 
@@ -286,16 +286,9 @@ def tickets_table(spark) -> str:
 
 
 @pytest.fixture(scope="module")
-def training_data(tmp_path_factory) -> str:
-    """The shared dolly-15k sample, or (where it is absent) a small file of the same shape."""
-    if SHARED_SAMPLE.exists():
-        return str(SHARED_SAMPLE)
-    categories = ["open_qa", "closed_qa", "summarization", "classification"]
-    records = [{"instruction": f"Question {i} about {category}?", "context": "", "response": f"Answer {i}.",
-                "category": category} for i in range(10) for category in categories]
-    path = tmp_path_factory.mktemp("training_data") / "records.jsonl"
-    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
-    return str(path)
+def training_data() -> str:
+    """The shared dolly-15k sample."""
+    return str(shared_sample())
 
 
 @pytest.fixture(scope="module")
@@ -472,45 +465,5 @@ def test_evaluate_and_promote_moves_champion_only_when_the_challenger_wins(spark
     assert run.data.params["margin"] == "-1.0" and run.data.tags["champion_version"] == champion
 
 
-# --- what a notebook passes must be what the package takes ----------------------------------------
-
-def _package_call_keywords() -> list:
-    """(notebook, keyword, line, column) for every keyword of every call of a dolly_spark name."""
-    found = []
-    for path in sorted(NOTEBOOK_DIR.glob("*.py")):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        imported = {alias.asname or alias.name for node in ast.walk(tree)
-                    if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dolly_spark")
-                    for alias in node.names}
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in imported:
-                for keyword in node.keywords:
-                    if keyword.arg:
-                        found.append(pytest.param(path.name, keyword.arg, keyword.lineno, keyword.col_offset,
-                                                  id=f"{path.stem}-{node.func.id}-{keyword.arg}"))
-    return found
-
-
-@pytest.mark.parametrize("notebook, keyword, line, column", _package_call_keywords())
-def test_a_misspelled_keyword_fails_the_run(spark, workspace_mlflow, parameters, notebook, keyword, line, column):
-    lines = (NOTEBOOK_DIR / notebook).read_text(encoding="utf-8").splitlines(keepends=True)
-    text = lines[line - 1]
-    assert text[column:].startswith(keyword)
-    misspelled = f"{keyword}_misspelled"
-    lines[line - 1] = text[:column] + misspelled + text[column + len(keyword):]
-    # Binding reports a keyword it does not know, or a required one the typo left out.
-    with pytest.raises(TypeError, match=rf"{misspelled}|missing a required argument: '{keyword}'"):
-        run_notebook(notebook, spark, parameters[notebook], source="".join(lines))
-
-
 def test_every_notebook_has_an_entry_point_and_runs_here():
     assert {path.name for path in NOTEBOOK_DIR.glob("*.py")} == set(ENTRY_POINTS)
-
-
-def test_a_widget_value_the_notebook_does_not_convert_fails(spark):
-    from dolly_spark.batch.summarize import SummarizeConfig, run_summarize
-
-    spy = EntryPointSpy(run_summarize)
-    with pytest.raises(TypeError, match="max_new_tokens"):
-        spy(spark, SummarizeConfig(max_new_tokens="96"))
-    assert not spy.calls

@@ -15,10 +15,12 @@ def test_cpu_gets_bf16_only_where_it_multiplies_bf16_natively(monkeypatch, tmp_p
                             ("fpu avx512f avx512_bf16 amx_bf16 amx_tile amx_int8", torch.bfloat16), ("", torch.float32)]:
         cpuinfo = tmp_path / "cpuinfo"
         cpuinfo.write_text(f"processor\t: 0\nmodel name\t: a CPU\nflags\t\t: {flags}\n\n")
-        monkeypatch.setattr(devices, "native_bf16_matmul", lambda path=str(cpuinfo): "amx_bf16" in devices.cpu_flags(path))
+        monkeypatch.setattr(devices, "CPUINFO", str(cpuinfo))
+        devices.native_bf16_matmul.cache_clear()  # the real rule, read afresh from this CPU's flags
         assert select_dtype(torch.device("cpu")) is expected, flags
         assert select_dtype(torch.device("cpu"), "float32") is torch.float32  # the override
     assert devices.cpu_flags(str(tmp_path / "missing")) == set()
+    devices.native_bf16_matmul.cache_clear()  # the next caller reads this machine's own flags
 
 
 def test_gpu_dtype_follows_bf16_support(monkeypatch):

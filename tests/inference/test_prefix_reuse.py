@@ -45,12 +45,11 @@ def test_greedy_answers_are_identical_with_prefix_reuse_on_and_off(model_and_tok
 
 @pytest.mark.slow
 def test_demo_model_answers_are_identical_with_prefix_reuse_on_and_off():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from dolly_spark.batch.demo import load_demo_from_gguf
 
-    from dolly_spark.batch.demo import demo_checkpoint
-
-    path = demo_checkpoint()
-    model_and_tokenizer = (AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path))
+    # Straight from the installed GGUF file: nothing is written to a project home.
+    model, tokenizer = load_demo_from_gguf()
+    model_and_tokenizer = (model.eval(), tokenizer)
     reused, with_reuse = answers(model_and_tokenizer, "chat", LONG_INSTRUCTION, True, max_new_tokens=16)
     _, without = answers(model_and_tokenizer, "chat", LONG_INSTRUCTION, False, max_new_tokens=16)
     assert reused.reused_prefix_tokens >= 150 * (len(TICKETS) - 1)  # the system turn and the rubric

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import PACKAGE_TICKETS, SHARED_DATA, tokenizer_corpus
+from conftest import PACKAGE_TICKETS, shared_sample, tokenizer_corpus
 from engine_helpers import bound_engine
 
 from dolly_spark.request import Request
@@ -33,14 +33,13 @@ SCHEMA_TEXT = json.dumps(SCHEMA)
 
 
 def varied_rows(count: int = 210) -> tuple[list[str], list[str | None]]:
-    """At least ``count`` rows of widely varied length: the shared Dolly sample (read where it
-    is), the package's tickets, and short rows with and without input."""
+    """At least ``count`` rows of widely varied length: the shared Dolly sample (read from
+    beside the repository), the package's tickets, and short rows with and without input."""
     instructions, contexts = [], []
-    if SHARED_DATA.exists():
-        for line in SHARED_DATA.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            instructions.append(record["instruction"])
-            contexts.append(record.get("context") or None)
+    for line in shared_sample().read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        instructions.append(record["instruction"])
+        contexts.append(record.get("context") or None)
     for line in PACKAGE_TICKETS.read_text(encoding="utf-8").splitlines():
         instructions.append("Which team should handle this ticket?")
         contexts.append(json.loads(line)["body"])

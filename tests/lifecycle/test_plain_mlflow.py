@@ -59,11 +59,11 @@ def registered_chat_without_repeats(mlflow_registry, chat_model):
     return f"models:/tiny_chat_no_repeats/{version}"
 
 
-def answers_of(spark, model_uri: str, **settings) -> list[str]:
+def answers_of(spark, model_uri: str, max_new_tokens: int = MAX_NEW_TOKENS, **settings) -> list[str]:
     """apply_instruction's answers to INSTRUCTIONS, in order; every row must have one."""
     df = spark.createDataFrame([(i, text) for i, text in enumerate(INSTRUCTIONS)], "id INT, instruction STRING")
     rows = apply_instruction(df, F.col("instruction"), model_uri=model_uri,
-                             max_new_tokens=MAX_NEW_TOKENS, **settings).orderBy("id").collect()
+                             max_new_tokens=max_new_tokens, **settings).orderBy("id").collect()
     assert all(row["response"]["error"] is None for row in rows)
     return [row["response"]["response"] for row in rows]
 
@@ -101,6 +101,33 @@ def test_registered_repetition_control_is_apply_instructions_default_only(regist
     assert (unset.repetition_penalty, unset.no_repeat_ngram_size) == (1.3, 2)
     chosen = build_request(spec, no_repeat_ngram_size=0)
     assert (chosen.repetition_penalty, chosen.no_repeat_ngram_size) == (1.3, 0)
+
+
+@pytest.mark.slow
+def test_registered_repetition_control_reaches_apply_instruction_and_the_job(spark, registered_chat,
+                                                                             registered_chat_without_repeats):
+    from dolly_spark.batch.summarize import SummarizeConfig, run_summarize
+
+    # 24 tokens: long enough for this model to repeat itself where nothing stops it.
+    registered = answers_of(spark, registered_chat_without_repeats, max_new_tokens=24)
+    assert registered == answers_of(spark, registered_chat, max_new_tokens=24, repetition_penalty=1.3,
+                                    no_repeat_ngram_size=2)
+    assert registered != answers_of(spark, registered_chat, max_new_tokens=24), "repetition control changed nothing"
+
+    # The job's fingerprint holds the registered settings: asking for them explicitly reprocesses
+    # nothing; turning one off reprocesses every ticket.
+    spark.createDataFrame([(f"T-{i}", text) for i, text in enumerate(INSTRUCTIONS)], "ticket_id STRING, body STRING") \
+        .write.format("delta").mode("overwrite").saveAsTable("no_repeats_tickets")
+
+    def run(**settings):
+        config = SummarizeConfig(source_table="no_repeats_tickets", target_table="no_repeats_summaries",
+                                 model_uri=registered_chat_without_repeats, max_new_tokens=MAX_NEW_TOKENS,
+                                 partitions=1, experiment="tests", **settings)
+        return run_summarize(spark, config).rows_written
+
+    assert run() == len(INSTRUCTIONS)
+    assert run(repetition_penalty=1.3, no_repeat_ngram_size=2) == 0
+    assert run(no_repeat_ngram_size=0) == len(INSTRUCTIONS)
 
 
 def test_registered_stop_tokens_are_the_engines(registered_chat, chat_model):
