@@ -13,22 +13,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+from dolly_spark.spark.log_config import log4j2_properties
 from project_home import job_env
 
 # The daemons bind ports the system picks (0), so no port probed free can be taken before a JVM
-# binds it; the master's web UI address is read from its log, which this config keeps at INFO
-# for that line only (the executors keep the Spark conf's own logging).
-DAEMON_LOG_CONFIG = """\
-rootLogger.level = warn
-rootLogger.appenderRef.stderr.ref = stderr
-appender.stderr.type = Console
-appender.stderr.name = stderr
-appender.stderr.target = SYSTEM_ERR
-appender.stderr.layout.type = PatternLayout
-appender.stderr.layout.pattern = %d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n
-logger.webui.name = org.apache.spark.deploy.master.ui.MasterWebUI
-logger.webui.level = info
-"""
+# binds it; the master's web UI address is read from its log: the package's log4j2 configuration
+# with that one logger at INFO (the executors keep the Spark conf's own logging).
+DAEMON_LOG_CONFIG = log4j2_properties() + (
+    "logger.webui.name = org.apache.spark.deploy.master.ui.MasterWebUI\nlogger.webui.level = info\n")
 WEB_UI_LINE = re.compile(r"Bound MasterWebUI to [^,]+, and started at (http://\S+)")
 
 
@@ -79,10 +71,9 @@ class StandaloneCluster:
             [spark_class(), "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
              "--port", "0", "--webui-port", "0"],
             env=self._env(), stdout=open(master_log, "wb"), stderr=subprocess.STDOUT)
-        self._wait_for(lambda: WEB_UI_LINE.search(master_log.read_text(errors="replace")), "the master's web UI")
-        self.webui = WEB_UI_LINE.search(master_log.read_text(errors="replace"))[1]
-        self._wait_for(lambda: self.status() is not None, "the master's status page")
-        self.url = self.status()["url"]
+        self.webui = self._wait_for(lambda: WEB_UI_LINE.search(master_log.read_text(errors="replace")),
+                                    "the master's web UI")[1]
+        self.url = self._wait_for(self.status, "the master's status page")["url"]
         for index in range(self.worker_count):
             local_dir = self.root / f"node{index}" / "local"
             work_dir = self.root / f"node{index}" / "work"
@@ -98,15 +89,17 @@ class StandaloneCluster:
         self._wait_for(lambda: len([w for w in self.status()["workers"] if w["state"] == "ALIVE"])
                        == self.worker_count, "the workers to register")
 
-    def _wait_for(self, condition, what: str, timeout: float = 120) -> None:
+    def _wait_for(self, condition, what: str, timeout: float = 120):
+        """``condition()``'s first true value, polled while every cluster process is alive."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for process in [self.master, *self.workers]:
                 if process.poll() is not None:
                     raise RuntimeError(f"a cluster process exited with {process.returncode}; see {self.root / 'logs'}")
             try:
-                if condition():
-                    return
+                found = condition()
+                if found:
+                    return found
             except (OSError, ValueError, TypeError):
                 pass
             time.sleep(0.5)

@@ -142,6 +142,7 @@ def training_table(spark):
 
 @pytest.fixture(scope="module")
 def finetuned(mlflow_registry, training_table, tiny_model_dir, spark):
+    from dolly_spark.lifecycle.registry import alias_version
     from dolly_spark.training.finetune import FinetuneConfig, run_finetune
 
     config = FinetuneConfig(
@@ -151,7 +152,7 @@ def finetuned(mlflow_registry, training_table, tiny_model_dir, spark):
     )
     report = run_finetune(config, spark)
     # Read now: a later test registers a newer challenger of the same name.
-    report.challenger_alias_after_run = MlflowClient().get_model_version_by_alias("tuned_dolly", "challenger").version
+    report.challenger_alias_after_run = alias_version("tuned_dolly", "challenger")
     return report
 
 
@@ -191,7 +192,7 @@ def test_run_records_lineage_skips_and_metadata(finetuned, training_table):
     info = mlflow.models.get_model_info(f"models:/tuned_dolly/{finetuned.version}")
     assert info.metadata["prompt_format"] == "dolly"
     assert info.metadata["special_tokens"] == ["### End", "### Instruction:", "### Response:\n"]
-    assert str(finetuned.challenger_alias_after_run) == finetuned.version
+    assert finetuned.challenger_alias_after_run == finetuned.version
 
 
 @pytest.mark.slow
