@@ -10,7 +10,11 @@ naming the run that holds it.
 
 A run refreshes its claim's heartbeat as it works and deletes the claim when it ends, however it
 ends. A driver killed outright leaves its claim behind; a claim whose heartbeat is older than
-``stale_after`` is taken over by the next run.
+``stale_after`` is taken over by the next run. So a claim confirmed (claimed, or its heartbeat
+written) less than a quarter of ``stale_after`` ago is still this run's: within that time the
+run neither writes a heartbeat nor reads the claim back, which spares a short run four Delta
+commits and reads, and leaves a margin of three quarters of ``stale_after`` for the drivers'
+clocks to disagree.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import json
 import logging
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -54,15 +59,27 @@ class Claim:
     claim_id: str
     owner: dict
     stale_after: timedelta
+    # When (time.monotonic) the claim was last known to be this run's, from before the statement
+    # that claimed it or wrote its heartbeat: the stored heartbeat is at least that recent.
+    confirmed_at: float = float("-inf")
+
+    def recently_confirmed(self) -> bool:
+        """True while no other run can have taken the claim over (see the module's docstring)."""
+        return time.monotonic() - self.confirmed_at < self.stale_after.total_seconds() / 4
 
     def heartbeat(self) -> None:
-        """Tell other runs this one is alive. Raises TargetBusyError when the claim was taken
-        over (this run stalled past the stale limit): two writers must never go on together."""
+        """Tell other runs this one is alive, unless the claim was recently confirmed. Raises
+        TargetBusyError when the claim was taken over (this run stalled past the stale limit):
+        two writers must never go on together."""
+        if self.recently_confirmed():
+            return
+        started = time.monotonic()
         try:
             # The UPDATE's commit says whether the row is still this run's: it touched one row.
             touched = self.spark.sql(f"UPDATE {claim_table(self.target)} SET heartbeat_at = current_timestamp() "
                                      f"WHERE claim_id = '{self.claim_id}'").first()["num_affected_rows"]
             if touched == 1:
+                self.confirmed_at = started
                 return
         except _conflicts() as exc:  # another run's claim attempt committed first: who holds it now?
             log.info("the heartbeat on %s met another run's claim: %s", self.target, str(exc).splitlines()[0])
@@ -73,6 +90,8 @@ class Claim:
 
     def held(self) -> bool:
         """True while the claim is still this run's."""
+        if self.recently_confirmed():
+            return True
         holder = _holder(self.spark, self.target)
         return holder is not None and holder["claim_id"] == self.claim_id
 
@@ -95,6 +114,7 @@ def acquire(spark: SparkSession, target: str, owner: dict, stale_after: timedelt
                                  F.lit(json.dumps(claim.owner, sort_keys=True)).alias("owner"),
                                  F.current_timestamp().alias("claimed_at"), F.current_timestamp().alias("heartbeat_at"))
     # Its holder stopped without releasing it: no heartbeat for longer than stale_after.
+    started = time.monotonic()
     stale = F.col("c.heartbeat_at") < F.current_timestamp() - F.expr(f"INTERVAL {int(stale_after.total_seconds())} SECONDS")
     try:
         written = (
@@ -108,6 +128,7 @@ def acquire(spark: SparkSession, target: str, owner: dict, stale_after: timedelt
         # A committed MERGE that wrote this run's row holds the claim; one that wrote nothing met
         # a live claim of another run.
         if written["num_inserted_rows"] + written["num_updated_rows"] == 1:
+            claim.confirmed_at = started
             return claim
     except _conflicts() as exc:
         log.info("claiming %s conflicted with another run's claim: %s", target, str(exc).splitlines()[0])

@@ -81,7 +81,7 @@ class SummarizeConfig:
                                    "reads (a UC Volume, DBFS), for executors without registry access; "
                                    "empty: each node downloads it into its local cache")
     claim_timeout_minutes: float = option(60, "a run claims its target table; a claim without a heartbeat "
-                                          "(one per chunk) for this long is taken to be a dead run's, "
+                                          "(refreshed between chunks) for this long is taken to be a dead run's, "
                                           "and taken over")
     engine: str = option("hf", f"the engine that runs the model: {', '.join(sorted(ENGINES))} (how rows are run, "
                          "never what they answer: a change of engine reprocesses nothing)")

@@ -4,11 +4,26 @@ architecture or a transformers version does not support it."""
 from __future__ import annotations
 
 import gc
+import math
 
 import torch
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from dolly_spark.inference.encoder import EncodedRow
 from dolly_spark.inference.backend import Backend, generation_config
+
+
+# Tokens per page of the paged cache (transformers' default).
+PAGE_SIZE = 256
+
+
+def cache_for(batch: list[EncodedRow], max_new_tokens: int) -> ContinuousBatchingConfig:
+    """A paged cache that holds ``batch`` whole and no more. Left to itself, the cache takes 90 %
+    of the free memory of its device, which on a CPU is the machine's RAM (14-20 GB here for a
+    tiny model), however small the micro-batch: the engine's token budget bounds it instead."""
+    pages = sum(math.ceil((len(row.ids) + max_new_tokens) / PAGE_SIZE) for row in batch)
+    return ContinuousBatchingConfig(page_size=PAGE_SIZE, num_blocks=pages + 1,
+                                    max_batch_tokens=sum(len(row.ids) for row in batch))
 
 
 class ContinuousBatching(Backend):
@@ -20,6 +35,7 @@ class ContinuousBatching(Backend):
             with torch.no_grad():
                 # Warm-up captures CUDA graphs; on the CPU it only costs time.
                 outputs = self.model.generate_batch(inputs=[row.ids for row in batch], generation_config=config,
+                                                    continuous_batching_config=cache_for(batch, config.max_new_tokens),
                                                     progress_bar=False, warmup=self.device.type == "cuda")
         except Exception:
             self.release_memory()

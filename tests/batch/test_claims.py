@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 
-from dolly_spark.batch import claims
+from dolly_spark.batch import claims, staging
 from dolly_spark.batch.summarize import run_summarize
 from test_summarize import config_for, make_source, one_row_per_ticket
 
@@ -61,16 +61,20 @@ def test_a_second_run_on_a_busy_target_fails_fast_naming_the_first(spark, regist
         return claim
 
     monkeypatch.setattr(claims, "acquire", first_run_acquire)
+    staged_pending: list = []
+    stage_pending = staging.stage_pending
+    monkeypatch.setattr(staging, "stage_pending", lambda *args: staged_pending.append(args) or stage_pending(*args))
     first: dict = {}
     running = threading.Thread(target=lambda: first.update(report=run_summarize(spark, config)))
     running.start()
     try:
         assert first_holds_claim.wait(timeout=300), "the first run never claimed its target"
         claim = spark.read.table("summaries_concurrent__claim").first()
-        started = time.perf_counter()
         with pytest.raises(claims.TargetBusyError) as busy:
             run_summarize(spark, config)
-        assert time.perf_counter() - started < 60  # fails fast: no generation, no scan of the source
+        # Fails fast: before its pending tickets are staged, the only scan of the source (the
+        # first run is still waiting inside its claim, so it has staged nothing either).
+        assert staged_pending == []
     finally:
         second_has_tried.set()
         running.join(timeout=600)
@@ -99,3 +103,29 @@ def test_a_dead_runs_stale_claim_is_taken_over(spark, registered_tiny):
         run_summarize(spark, dataclasses.replace(config, claim_timeout_minutes=180))
     assert run_summarize(spark, config).rows_written == 6  # 60 minutes: the 2-hour-old claim is stale
     assert spark.read.table("summaries_stale_claim__claim").count() == 0
+
+
+def test_a_run_whose_claim_was_taken_over_while_it_stalled_merges_nothing(spark, registered_tiny, monkeypatch):
+    """A run that stalls past its claim's timeout finds, before it merges, that another run took
+    the claim over: it stops with TargetBusyError and leaves the target, the claim and the
+    staging tables (now the other run's) alone."""
+    name, _ = registered_tiny
+    source = make_source(spark, "tickets_taken_over")
+    stale_after = timedelta(seconds=3)
+    config = config_for(source, "summaries_taken_over", f"models:/{name}@champion", max_attempts=1,
+                        claim_timeout_minutes=stale_after.total_seconds() / 60)
+    stage_results = staging.stage_results
+    next_run: dict = {}
+
+    def stalled_then_taken_over(*args, **kwargs):
+        staged = stage_results(*args, **kwargs)
+        time.sleep(stale_after.total_seconds() + 0.5)  # no heartbeat for longer than the timeout
+        next_run["claim"] = claims.acquire(spark, "summaries_taken_over", {"run": "the next one"}, stale_after)
+        return staged
+
+    monkeypatch.setattr(staging, "stage_results", stalled_then_taken_over)
+    with pytest.raises(claims.TargetBusyError, match="claim on target table 'summaries_taken_over' is gone"):
+        run_summarize(spark, config)
+    assert not spark.catalog.tableExists("summaries_taken_over")  # nothing was merged
+    assert spark.read.table("summaries_taken_over__claim").first()["claim_id"] == next_run["claim"].claim_id
+    assert spark.catalog.tableExists("summaries_taken_over__staged")

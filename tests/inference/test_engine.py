@@ -296,12 +296,20 @@ def test_continuous_batching_falls_back_where_unsupported(tiny_model):
     assert [r.response for r in results] == [r.response for r in static]
 
 
-def test_continuous_batching_matches_static_on_llama(tiny_llama):
+def test_continuous_batching_matches_static_on_llama(tiny_llama, monkeypatch):
     static = engine_for(tiny_llama, max_new_tokens=8).run(LENGTHS_INSTRUCTIONS[:4], LENGTHS_CONTEXTS[:4])
     continuous = engine_for(tiny_llama, max_new_tokens=8, strategy="continuous")
+    model = tiny_llama[0]
+    caches = []
+    generate_batch = model.generate_batch
+    monkeypatch.setattr(model, "generate_batch", lambda **kwargs: caches.append(
+        (kwargs.get("continuous_batching_config"), kwargs["inputs"])) or generate_batch(**kwargs))
     results = continuous.run(LENGTHS_INSTRUCTIONS[:4], LENGTHS_CONTEXTS[:4])
     assert continuous.strategy == "continuous"
     assert [r.response for r in results] == [r.response for r in static]
+    # The paged cache holds the micro-batch, not 90 % of the machine's free memory.
+    for cache, inputs in caches:
+        assert cache is not None and cache.num_blocks <= sum(len(ids) + 8 for ids in inputs) // cache.page_size + len(inputs) + 1
 
 
 def test_settings_are_checked(tiny_model):
