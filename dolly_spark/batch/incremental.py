@@ -5,7 +5,9 @@ Every result row carries the ``request_fingerprint`` of the request that produce
 that changes the answer)
 and the ``input_hash`` of the ticket text it answered. A ticket is done when the target holds a
 successful answer with the current fingerprint and input hash, or when the current request has
-already failed on it ``max_attempts`` times. So an edited ticket, a new instruction, a changed
+already failed on it ``max_attempts`` times, or once with an error that follows from the input
+and the request alone (``input_only``: a null, empty or over-long input, which a retry of the
+same request meets again). So an edited ticket, a new instruction, a changed
 setting or a new model version reprocess exactly the rows they affect, and an unchanged rerun
 writes nothing.
 
@@ -15,8 +17,12 @@ answer stays and the failure is recorded beside it (``last_error``, ``attempts``
 """
 from __future__ import annotations
 
+from functools import reduce
+
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
+
+from dolly_spark.inference.encoder import INPUT_ERROR_PREFIXES
 
 # Columns this module adds to a target table, with their Spark SQL types.
 TRACKING_COLUMNS = {
@@ -32,6 +38,14 @@ TRACKING_COLUMNS = {
 def input_hash(text: Column) -> Column:
     """The SHA-256 of a ticket's text (a null text hashes like the empty one)."""
     return F.sha2(F.coalesce(text, F.lit("")), 256)
+
+
+def input_only(error: Column) -> Column:
+    """True for a row error that the same request on the same input meets again, so retrying it
+    cannot succeed (see ``INPUT_ERROR_PREFIXES``); false for other errors, null for no error.
+    Errors joined for a row (a label's and an answer's) start with the first one's words."""
+    return reduce(lambda either, prefix: either | error.startswith(prefix),
+                  INPUT_ERROR_PREFIXES[1:], error.startswith(INPUT_ERROR_PREFIXES[0]))
 
 
 def attempt_key(fingerprint: Column, hashed_input: Column) -> Column:
@@ -53,13 +67,15 @@ def upgrade_target(spark: SparkSession, target: str) -> list[str]:
 def pending(tickets: DataFrame, target: DataFrame | None, id_col: str, fingerprint: str,
             max_attempts: int) -> DataFrame:
     """``tickets`` (with ``input_hash``) that still need the current request: no successful
-    answer with this fingerprint and input hash, and fewer than ``max_attempts`` failures of it."""
+    answer with this fingerprint and input hash, fewer than ``max_attempts`` failures of it, and
+    no failure of it that only a change of input or request can mend."""
     if target is None:
         return tickets
     current_key = attempt_key(F.lit(fingerprint), F.col("s.input_hash"))
     answered = ((F.col("t.request_fingerprint") == fingerprint) & (F.col("t.input_hash") == F.col("s.input_hash"))
                 & F.col("t.error").isNull())
-    given_up = (F.col("t.attempt_key") == current_key) & (F.col("t.attempts") >= max_attempts)
+    given_up = (F.col("t.attempt_key") == current_key) & (
+        (F.col("t.attempts") >= max_attempts) | F.coalesce(input_only(F.col("t.last_error")), F.lit(False)))
     done_condition = (F.col(f"s.{id_col}") == F.col(f"t.{id_col}")) & (answered | given_up)
     return tickets.alias("s").join(target.alias("t"), done_condition, "left_anti")
 
@@ -103,7 +119,8 @@ def with_tracking(staged: DataFrame) -> DataFrame:
 def chunk_totals(staged: DataFrame, target: DataFrame | None, id_col: str, max_attempts: int) -> dict[str, int]:
     """What a chunk about to be merged holds, in one Spark job: rows, errors, prompt and completion
     tokens; how many rows retry a failed request (``retried``), how many of those now succeed
-    (``recovered``), and how many failures reach ``max_attempts`` with this one (``given_up``)."""
+    (``recovered``), and how many failures reach ``max_attempts`` with this one or cannot pass on
+    a retry (``given_up``)."""
     if target is None:
         joined = staged.select("*", F.lit(None).cast("string").alias("prev_key"),
                                F.lit(None).cast("int").alias("prev_attempts"), F.lit(None).cast("string").alias("prev_error"))
@@ -121,6 +138,7 @@ def chunk_totals(staged: DataFrame, target: DataFrame | None, id_col: str, max_a
         F.sum("completion_tokens").alias("completion_tokens"),
         F.sum(F.when(retry, 1).otherwise(0)).alias("retried"),
         F.sum(F.when(retry & F.col("error").isNull(), 1).otherwise(0)).alias("recovered"),
-        F.sum(F.when(F.col("error").isNotNull() & (attempts_now >= max_attempts), 1).otherwise(0)).alias("given_up"),
+        F.sum(F.when(F.col("error").isNotNull() & ((attempts_now >= max_attempts) | input_only(F.col("error"))), 1)
+              .otherwise(0)).alias("given_up"),
     ).first()
     return {name: int(totals[name] or 0) for name in totals.asDict()}

@@ -17,6 +17,12 @@ from dolly_spark.request import Request
 # ticket at the limit costs.
 MAX_CHARS_PER_TOKEN = 16
 
+# How the errors of rows refused before generation begin: a null or empty input or instruction,
+# a prompt over the limit. They follow from the row's input and the request alone, so the same
+# request on the same input meets them again (``dolly_spark.batch.incremental`` does not retry
+# them). Every other row error (an out-of-memory row, a structured answer cut off) may pass.
+INPUT_ERROR_PREFIXES = ("input is ", "instruction is ", "prompt has ")
+
 
 @dataclass
 class EncodedRow:
