@@ -114,8 +114,8 @@ def acquire(spark: SparkSession, target: str, owner: dict, stale_after: timedelt
                                  F.lit(json.dumps(claim.owner, sort_keys=True)).alias("owner"),
                                  F.current_timestamp().alias("claimed_at"), F.current_timestamp().alias("heartbeat_at"))
     # Its holder stopped without releasing it: no heartbeat for longer than stale_after.
-    started = time.monotonic()
     stale = F.col("c.heartbeat_at") < F.current_timestamp() - F.expr(f"INTERVAL {int(stale_after.total_seconds())} SECONDS")
+    started = time.monotonic()
     try:
         written = (
             # The table holds at most one row, the claim: any row there is the one to match.

@@ -17,6 +17,7 @@ answer stays and the failure is recorded beside it (``last_error``, ``attempts``
 """
 from __future__ import annotations
 
+import operator
 from functools import reduce
 
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -44,8 +45,7 @@ def input_only(error: Column) -> Column:
     """True for a row error that the same request on the same input meets again, so retrying it
     cannot succeed (see ``INPUT_ERROR_PREFIXES``); false for other errors, null for no error.
     Errors joined for a row (a label's and an answer's) start with the first one's words."""
-    return reduce(lambda either, prefix: either | error.startswith(prefix),
-                  INPUT_ERROR_PREFIXES[1:], error.startswith(INPUT_ERROR_PREFIXES[0]))
+    return reduce(operator.or_, [error.startswith(prefix) for prefix in INPUT_ERROR_PREFIXES])
 
 
 def attempt_key(fingerprint: Column, hashed_input: Column) -> Column:
