@@ -1,4 +1,4 @@
-"""python benchmarks/gpu_engine.py --out gpu_engine.json [--rows 48] [--max-new-tokens 64] [--cpu-smoke]
+"""python benchmarks/gpu_engine.py --out gpu_engine.json [--rows 48] [--max-new-tokens 64] [--skip-llama] [--skip-pipeline] [--cpu-smoke]
 
 The engine on a GPU, with no Spark, no Java, no MLflow and no network: a random-weight GPT-NeoX
 of the dolly-v2-3b architecture (the pythia-2.8b config) in bf16, a tokenizer trained on the
@@ -83,6 +83,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--token-budget", type=int, default=16384, help="the engine's micro-batch token budget")
     parser.add_argument("--skip-llama", action="store_true", help="skip the Llama continuous-batching data point")
+    parser.add_argument("--skip-pipeline", action="store_true",
+                        help="skip the per-row pipeline baseline (its first pass is most of the run's time)")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="2 layers of hidden 256, 8 rows, 8 new tokens: checks the script on a CPU in under a minute")
     args = parser.parse_args(argv)
@@ -233,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": str(dtype), "torch": torch.__version__, "cpu_smoke": args.cpu_smoke,
+        "dtype": str(dtype), "torch": torch.__version__, "cpu_smoke": args.cpu_smoke, "skip_pipeline": args.skip_pipeline,
         "rows": args.rows, "max_new_tokens": args.max_new_tokens, "token_budget": args.token_budget,
         "tokenizer_vocab": len(tokenizer), "models": {},
     }
@@ -244,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         entry: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters()),
                                  "config": {k: getattr(model.config, k) for k in (*DOLLY_V2_3B, "rope_parameters")
                                             if hasattr(model.config, k)}}
-        if architecture == "gpt_neox":  # the per-row baseline once, on the dolly-v2-3b architecture
+        if architecture == "gpt_neox" and not args.skip_pipeline:  # the per-row baseline once, on the dolly-v2-3b architecture
             log.info("%s: per-row pipeline", architecture)
             entry["per_row_pipeline"] = run_pipeline(model, tokenizer, prompts, warm_prompts, args.max_new_tokens, device)
         for route, config, instruction in (("engine_static", static, INSTRUCTION),

@@ -13,16 +13,21 @@ from dolly_spark.inference.encoder import EncodedRow
 from dolly_spark.inference.backend import Backend, generation_config
 
 
-# Tokens per page of the paged cache (transformers' default).
-PAGE_SIZE = 256
+def default_page_size() -> int:
+    """Tokens per page of the paged cache, at transformers' default: the field is
+    ``block_size`` in transformers 5.17 (the GPU image's) and ``page_size`` in later versions,
+    so it is read, never passed."""
+    defaults = ContinuousBatchingConfig()
+    return getattr(defaults, "page_size", None) or defaults.block_size
 
 
 def cache_for(batch: list[EncodedRow], max_new_tokens: int) -> ContinuousBatchingConfig:
     """A paged cache that holds ``batch`` whole and no more. Left to itself, the cache takes 90 %
     of the free memory of its device, which on a CPU is the machine's RAM (14-20 GB here for a
     tiny model), however small the micro-batch: the engine's token budget bounds it instead."""
-    pages = sum(math.ceil((len(row.ids) + max_new_tokens) / PAGE_SIZE) for row in batch)
-    return ContinuousBatchingConfig(page_size=PAGE_SIZE, num_blocks=pages + 1,
+    page_size = default_page_size()
+    pages = sum(math.ceil((len(row.ids) + max_new_tokens) / page_size) for row in batch)
+    return ContinuousBatchingConfig(num_blocks=pages + 1,
                                     max_batch_tokens=sum(len(row.ids) for row in batch))
 
 
