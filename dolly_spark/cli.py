@@ -35,20 +35,24 @@ def _start_job(config_cls, argv: Sequence[str] | None, prog: str, description: s
 
 def summarize_main(argv: Sequence[str] | None = None) -> int:
     """spark-submit jobs/summarize_tickets.py: summarize new tickets into the target table."""
-    from dolly_spark.batch.summarize import SummarizeConfig, run_summarize
+    from dolly_spark.batch.summarize import SummarizeConfig, dry_run, run_summarize
     from dolly_spark.spark.sessions import get_spark
 
     config = _start_job(SummarizeConfig, argv, "summarize_tickets",
                         "Summarize support tickets from a Delta table into another, incrementally.")
+    if config.dry_run:
+        print(f"dry run: nothing is written to {config.target_table}\n{dry_run(get_spark('summarize_tickets'), config).table()}")
+        return 0
     report = run_summarize(get_spark("summarize_tickets"), config)
     print(_report_line(report, "triaged" if config.choices or config.schema else "summarized"))
     return 0
 
 
 def _report_line(report, verb: str = "summarized") -> str:
+    left = f"; {report.rows_left} more left pending for the next run (over the cap)" if report.rows_left else ""
     return (f"{report.rows_written} tickets {verb} with {report.model_name} v{report.model_version} "
             f"({report.errors} errors, {report.generated_tokens} tokens, {report.tokens_per_second:.1f} tokens/s, "
-            f"{report.wall_seconds:.1f}s)")
+            f"{report.wall_seconds:.1f}s){left}")
 
 
 def demo_main(argv: Sequence[str] | None = None) -> int:

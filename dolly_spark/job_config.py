@@ -55,12 +55,15 @@ def build_parser(config_cls: type, prog: str, description: str) -> argparse.Argu
     parser.add_argument("--config", type=Path, help="YAML file of settings; command-line flags override it")
     for field in dataclasses.fields(config_cls):
         kind = _field_type(config_cls, field)
+        # A switch alone turns it on (--dry-run); with a value it is that value (--dry-run false).
+        switch = {"nargs": "?", "const": True} if kind is bool else {}
         parser.add_argument(
             f"--{field.name.replace('_', '-')}",
             dest=field.name,
             type=_argument_type(kind),
             default=argparse.SUPPRESS,
             help=f"{field.metadata.get('help', '')} (default: {field.default})",
+            **switch,
         )
     return parser
 

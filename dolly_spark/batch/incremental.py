@@ -80,6 +80,27 @@ def pending(tickets: DataFrame, target: DataFrame | None, id_col: str, fingerpri
     return tickets.alias("s").join(target.alias("t"), done_condition, "left_anti")
 
 
+# Why a ticket is pending, in the order they are told apart.
+PENDING_REASONS = ("new", "retry", "edited input", "new request")
+
+
+def with_reasons(pending_tickets: DataFrame, target: DataFrame | None, id_col: str, fingerprint: str) -> DataFrame:
+    """``pending_tickets`` (rows of ``pending``) with ``reason``, one of PENDING_REASONS: no row
+    in the target (new); the current request failed on this input before (retry); the input
+    changed since the target's row (edited input); else the request did (a new model version,
+    instruction or setting)."""
+    if target is None:
+        return pending_tickets.withColumn("reason", F.lit("new"))
+    previous = target.select(F.col(id_col).alias("_id"), F.col("input_hash").alias("_hash"),
+                             F.col("attempt_key").alias("_key"))
+    joined = pending_tickets.join(previous, F.col(id_col) == F.col("_id"), "left")
+    reason = (F.when(F.col("_id").isNull(), "new")
+              .when(F.col("_key") == attempt_key(F.lit(fingerprint), F.col("input_hash")), "retry")
+              .when(F.col("_hash") != F.col("input_hash"), "edited input")
+              .otherwise("new request"))
+    return joined.select(*pending_tickets.columns, reason.alias("reason"))
+
+
 def merge_results(spark: SparkSession, staged: DataFrame, target: str, id_col: str,
                   target_range: Column | None = None) -> None:
     """MERGE ``staged`` results (result columns, ``processed_at``, ``request_fingerprint``,

@@ -59,6 +59,7 @@ class PendingSet:
     chunks: list[Chunk]
     null_id_rows: int
     duplicate_id_rows: int
+    left_rows: int = 0  # pending tickets over the run's cap, left for the next run
 
     @property
     def rows(self) -> int:
@@ -86,9 +87,10 @@ def stage_pending(pending: DataFrame, target: str) -> str:
     return _write(pending, staging_table(target, "pending"), "overwrite", partitioned=True)
 
 
-def plan_chunks(spark: SparkSession, pending_table: str, id_col: str, chunk_rows: int, max_rows: int = 0) -> PendingSet:
+def plan_chunks(spark: SparkSession, pending_table: str, id_col: str, chunk_rows: int,
+                max_rows: int | None = None) -> PendingSet:
     """Lay the pending table out in id-range chunks of about ``chunk_rows`` rows (at most
-    ``max_rows`` rows in all when it is above 0) and describe them. Reads only the pending table:
+    ``max_rows`` rows in all unless it is None: those of lowest id) and describe them. Reads only the pending table:
     once for its counts and id ranges, and, when there is more than one chunk, once more to
     rewrite it by id range and once to read the new ranges."""
     pending = spark.read.table(pending_table)
@@ -97,12 +99,12 @@ def plan_chunks(spark: SparkSession, pending_table: str, id_col: str, chunk_rows
     keyed = [part for part in layout if part[CHUNK_COL] >= 0]
     rows = sum(part["rows"] for part in keyed)
     duplicates = sum(part["copies"] - part["rows"] for part in keyed)
-    wanted = min(rows, max_rows) if max_rows > 0 else rows
+    wanted = rows if max_rows is None else min(rows, max_rows)
     chunks = math.ceil(wanted / max(1, chunk_rows))
     if chunks > 1 or wanted < rows:
         taken = pending.where(F.col(CHUNK_COL) >= 0).drop(CHUNK_COL)
         if wanted < rows:
-            taken = taken.limit(wanted)
+            taken = first_rows(taken, id_col, wanted)
         # A range partitioner samples the ids to cut them into ranges of about equal size; each
         # range becomes a chunk, written as a Delta partition of its own. Delta reads the
         # table's snapshot before it commits the overwrite, so the table can be its own input.
@@ -114,7 +116,13 @@ def plan_chunks(spark: SparkSession, pending_table: str, id_col: str, chunk_rows
     # Range partitions are numbered in id order; one the sampling left empty has no row here.
     plan = [Chunk(part[CHUNK_COL], part["rows"], *((part["first"], part["last"]) if ranged_ids else ()))
             for part in keyed]
-    return PendingSet(pending_table, plan, null_ids, duplicates)
+    return PendingSet(pending_table, plan, null_ids, duplicates, rows - wanted)
+
+
+def first_rows(tickets: DataFrame, id_col: str, count: int) -> DataFrame:
+    """The ``count`` tickets of lowest id: the ones a capped run takes, the same every time, so
+    a dry run counts exactly the rows the run will take."""
+    return tickets.orderBy(id_col).limit(count)
 
 
 def _layout(pending: DataFrame, id_col: str) -> list:

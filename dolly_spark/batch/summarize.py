@@ -26,6 +26,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from dolly_spark.batch import claims, incremental, staging
+from dolly_spark.batch import estimate as estimation
 from dolly_spark.batch.incremental import attempt_key, input_hash, merge_results
 from dolly_spark.batch.progress import ChunkProgress
 from dolly_spark.batch.targets import validate
@@ -34,7 +35,7 @@ from dolly_spark.job_config import option
 from dolly_spark.lifecycle.loader import stage_for_executors
 from dolly_spark.request import Request
 from dolly_spark.spark.apply import apply_request
-from dolly_spark.spark.sessions import generation_parallelism
+from dolly_spark.spark.sessions import executor_kind, generation_parallelism
 from dolly_spark.spark.tables import table_exists
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,18 @@ class SummarizeConfig:
                                               "(1.0: off); default: the value registered with the model version")
     no_repeat_ngram_size: int | None = option(None, "no n-gram of this size twice in the summary (0: off); "
                                               "default: the value registered with the model version")
-    max_rows: int = option(0, "process at most this many pending tickets in one run (0: all of them)")
+    max_rows: int = option(0, "process at most this many pending tickets in one run, those of lowest id; the rest "
+                           "stay pending for the next run (0: all of them)")
+    max_hours: float = option(0, "process at most the pending tickets this many hours take, by the estimated rate "
+                              "(see calibrate_rows); the rest stay pending for the next run (0: no limit)")
+    fail_over_budget: bool = option(False, "refuse to run, before generating anything and with the estimate in the "
+                                    "error, when more tickets are pending than max_rows or max_hours allow")
+    dry_run: bool = option(False, "estimate the run instead of running it: pending tickets and why, their prompt "
+                           "tokens, the time and cost; nothing is written to the target")
+    calibrate_rows: int = option(8, "tickets generated (and discarded) to measure the rate for the estimate and "
+                                 "max_hours, when MLflow holds no earlier run of the same request with the same "
+                                 "engine on the same kind of executors (0: never)")
+    price_per_hour: float = option(0, "the price of one executor-hour, for the estimate's cost (0: no cost)")
     chunk_rows: int = option(5000, "tickets generated and merged per chunk (chunks are ranges of the id); "
                              "a crash loses at most one chunk")
     token_budget: int = option(16384, "tokens per generation micro-batch: rows x (prompt + max_new_tokens)")
@@ -103,6 +115,7 @@ class SummarizeReport:
     recovered: int = 0
     given_up: int = 0
     chunks: int = 0
+    rows_left: int = 0  # pending tickets over the run's cap, left for the next run
     wall_seconds: float = 0.0
 
     @property
@@ -110,14 +123,36 @@ class SummarizeReport:
         return self.generated_tokens / self.wall_seconds if self.wall_seconds else 0.0
 
 
-def pending_tickets(spark: SparkSession, source: DataFrame, config: SummarizeConfig, fingerprint: str) -> DataFrame:
-    """One row per ticket id (with its ``input_hash``) that has no current result, and one that
-    counts the rows with a null id (see ``staging.one_row_per_id``)."""
+def current_target(spark: SparkSession, config: SummarizeConfig) -> DataFrame | None:
+    """The target table as a run compares with it (with the tracking columns a target written
+    before them lacks, read as null), or None before the first run."""
+    if not table_exists(spark, config.target_table):
+        return None
+    return incremental.with_tracking(spark.read.table(config.target_table))
+
+
+def pending_tickets(source: DataFrame, target: DataFrame | None, config: SummarizeConfig,
+                    fingerprint: str) -> DataFrame:
+    """One row per ticket id (with its ``input_hash``) that has no current result in ``target``,
+    and one that counts the rows with a null id (see ``staging.one_row_per_id``)."""
     tickets = staging.one_row_per_id(
         source.select(config.id_col, config.text_col, input_hash(F.col(config.text_col)).alias("input_hash")),
         config.id_col)
-    target = spark.read.table(config.target_table) if table_exists(spark, config.target_table) else None
     return incremental.pending(tickets, target, config.id_col, fingerprint, config.max_attempts)
+
+
+def dry_run(spark: SparkSession, config: SummarizeConfig) -> estimation.Estimate:
+    """What a run of ``config`` would do and cost (see ``batch.estimate``), logged to MLflow as
+    a run of its own; the target is not written (no claim, no staging table, no MERGE).
+    ``.as_dict()`` gives it as a dict, ``.table()`` as the console prints it."""
+    source, request, engine = validate(spark, config)
+    if config.shared_model_dir:
+        request = replace(request, model=stage_for_executors(request.model, config.shared_model_dir))
+    target = current_target(spark, config)
+    pending = pending_tickets(source, target, config, request.fingerprint())
+    estimate = estimation.build(spark, pending, target, config, request, engine)
+    estimation.log_to_mlflow(estimate, config, request)
+    return estimate
 
 
 def run_summarize(spark: SparkSession, config: SummarizeConfig) -> SummarizeReport:
@@ -135,7 +170,8 @@ def run_summarize(spark: SparkSession, config: SummarizeConfig) -> SummarizeRepo
     with mlflow.start_run(run_name="summarize_tickets") as run:
         mlflow.log_params({**asdict(config), "model_version": spec.version, "model_name": spec.name,
                            "request_fingerprint": fingerprint})
-        mlflow.set_tags({"job": "summarize_tickets", "resolved_model_uri": spec.uri})
+        mlflow.set_tags({"job": estimation.RUN_JOB, "resolved_model_uri": spec.uri,
+                         "executor_kind": executor_kind(spark)})
         claim = claims.acquire(spark, config.target_table, _owner(spark, run),
                                timedelta(minutes=config.claim_timeout_minutes))
         try:
@@ -156,6 +192,7 @@ def run_summarize(spark: SparkSession, config: SummarizeConfig) -> SummarizeRepo
             "recovered": report.recovered,
             "given_up": report.given_up,
             "chunks": report.chunks,
+            "rows_left": report.rows_left,
         })
     return report
 
@@ -169,10 +206,16 @@ def _summarize_pending(spark: SparkSession, source: DataFrame, config: Summarize
     # Fix the set of tickets once, durably, from one read of the source and one of the target:
     # re-evaluating the anti-join per chunk would rescan both and could pick other rows (the
     # target changes as chunks are merged), and data held by an executor is gone with it.
-    pending_table = staging.stage_pending(pending_tickets(spark, source, config, request.fingerprint()), config.target_table)
-    pending = staging.plan_chunks(spark, pending_table, config.id_col, config.chunk_rows, config.max_rows)
-    report.rows_pending, report.chunks = pending.rows, len(pending.chunks)
+    target = current_target(spark, config)
+    pending_table = staging.stage_pending(pending_tickets(source, target, config, request.fingerprint()),
+                                          config.target_table)
+    cap, cap_text = _row_cap(spark, pending_table, target, config, request, engine)
+    pending = staging.plan_chunks(spark, pending_table, config.id_col, config.chunk_rows, cap)
+    report.rows_pending, report.chunks, report.rows_left = pending.rows, len(pending.chunks), pending.left_rows
     report.skipped_null_ids = pending.null_id_rows
+    if pending.left_rows:
+        log.warning("%d of the %d pending tickets of %s are over the cap (%s): they stay pending for the next run",
+                    pending.left_rows, pending.rows + pending.left_rows, config.source_table, cap_text)
     if pending.null_id_rows:
         log.warning("%d tickets in %s have a null %s and cannot be keyed; skipped",
                     pending.null_id_rows, config.source_table, config.id_col)
@@ -190,6 +233,27 @@ def _summarize_pending(spark: SparkSession, source: DataFrame, config: Summarize
         _summarize_chunk(spark, tickets, chunk, config, request, engine, report, claim)
         progress.chunk_done(step, chunk.rows, f"{report.errors} errors so far ({report.retried} retried, "
                                               f"{report.recovered} recovered, {report.given_up} given up)")
+
+
+def _row_cap(spark: SparkSession, pending_table: str, target: DataFrame | None, config: SummarizeConfig,
+             request: Request, engine: EngineConfig) -> tuple[int | None, str]:
+    """The run's cap on tickets (None: none) and what sets it. With ``fail_over_budget``, raises
+    BudgetExceededError, before anything is generated, when the pending tickets exceed it."""
+    if config.max_rows <= 0 and config.max_hours <= 0:
+        return None, ""
+    staged = spark.read.table(pending_table)
+    tickets = estimation.keyed(staged).drop(staging.CHUNK_COL, staging.COPIES_COL)
+    rate = estimation.measured_rate(spark, tickets, config, request, engine) if config.max_hours > 0 else None
+    cap, cap_text = estimation.row_cap(config, rate)
+    if config.fail_over_budget and tickets.count() > cap:
+        # The whole pending set, estimated without generating (history only, no calibration).
+        whole = replace(config, max_rows=0, max_hours=0, calibrate_rows=0)
+        estimate = estimation.build(spark, staged, target, whole, request, engine)
+        raise estimation.BudgetExceededError(
+            f"{estimate.pending_rows} tickets of {config.source_table} are pending for {config.target_table}, over "
+            f"the cap of {cap} ({cap_text}); nothing was generated. Raise the cap, or leave out fail_over_budget to "
+            f"take {cap} now and the rest in later runs. The estimate of the whole set:\n{estimate.table()}")
+    return cap, cap_text
 
 
 def _end_claim(spark: SparkSession, claim: claims.Claim) -> None:

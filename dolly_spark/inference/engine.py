@@ -38,7 +38,7 @@ from dolly_spark.inference.parser import ResponseParser
 from dolly_spark.inference.planner import choice_batches, micro_batches
 from dolly_spark.inference.prepared import PreparedRequest
 from dolly_spark.inference.ragged_attention import ragged_attention
-from dolly_spark.inference.results import FINISH_ERROR, EngineStats, InstructionResult
+from dolly_spark.inference.results import FINISH_ERROR, FINISH_PENDING, EngineStats, InstructionResult
 from dolly_spark.prompts import (
     PromptFormat,
     choice_instruction,
@@ -95,6 +95,25 @@ class InstructionEngine:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=select_dtype(device, config.dtype)).to(device)
         return cls(model, tokenizer, prompt_format, config)
 
+    @classmethod
+    def without_weights(cls, path: str, tokenizer_path: str | None = None,
+                        prompt_format: str | PromptFormat | None = None,
+                        config: EngineConfig | None = None) -> "InstructionEngine":
+        """An engine that encodes exactly as ``from_pretrained``'s does and cannot generate: the
+        model is built from its config on the meta device (no weights read, no memory), with
+        the checkpoint's generation config (its end-of-sequence ids bound structured answers).
+        For ``encode_only``: counting a table's prompt tokens before a run."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except OSError:  # no generation_config.json: the one built from the model config stands
+            pass
+        return cls(model, tokenizer, prompt_format, config)
+
     def with_config(self, config: EngineConfig) -> "InstructionEngine":
         """An engine on this one's model and tokenizer, under another configuration."""
         return type(self)(self.model, self.tokenizer, self.format, config)
@@ -125,20 +144,12 @@ class InstructionEngine:
         ``json_schema`` its response is JSON text (see ``InstructionResult``).
         """
         prepared = self.prepare(request)
-        instructions = list(rows.instructions)
-        count = len(instructions)
-        contexts = list(rows.contexts) if rows.contexts is not None else [None] * count
-        if len(contexts) != count or (rows.keys is not None and len(rows.keys) != count):
-            raise ValueError("instructions, contexts and keys must have the same length")
-        keys = list(rows.keys) if rows.keys is not None else [None] * count
-        columns = (instructions, contexts, keys)
+        columns = _columns(rows)
+        count = len(columns[0])
         started = time.perf_counter()
         labels = self._classify(prepared, *columns) if prepared.scorer else None
         answers = self._answer(prepared, *columns) if request.generates else None
-        if labels is None or answers is None:
-            results = labels if answers is None else answers
-        else:
-            results = [_with_label(answer, label) for answer, label in zip(answers, labels)]
+        results = _combined(labels, answers)
         seconds = time.perf_counter() - started
         self.stats.generate_seconds += seconds
         self.stats.rows += count
@@ -147,12 +158,24 @@ class InstructionEngine:
         log.info("%d rows (%d answered with an error): %d tokens generated in %.1fs", count, failed, generated, seconds)
         return results
 
+    def encode_only(self, rows: Rows, request: Request) -> list[InstructionResult]:
+        """What ``run`` would give each row before the model runs: the error result of a row it
+        refuses (null, empty or over-long input), and for the others a result with only
+        ``prompt_tokens`` and ``truncated`` set (finish reason "pending"). The counts are the
+        ones ``run``'s results carry, so a dry run's token total is the real run's."""
+        prepared = self.prepare(request)
+        columns = _columns(rows)
+        labels = (_encoded_results(*self._encode(prepared.choice_encoder, _choice_rewrite(request), request, *columns))
+                  if prepared.scorer else None)
+        answers = (_encoded_results(*self._encode(prepared.encoder, _schema_rewrite(request), request, *columns))
+                   if request.generates else None)
+        return _combined(labels, answers)
+
     def _answer(self, prepared: PreparedRequest, instructions: list[Any], contexts: list[Any],
                 keys: list[Any]) -> list[InstructionResult]:
         """Every row generated (under the schema's instruction with ``json_schema``)."""
-        schema = prepared.request.json_schema
-        rewrite = (lambda text: schema_instruction(text, schema)) if schema is not None else None
-        results, encoded = self._encode(prepared.encoder, rewrite, prepared.request, instructions, contexts, keys)
+        results, encoded = self._encode(prepared.encoder, _schema_rewrite(prepared.request), prepared.request,
+                                        instructions, contexts, keys)
         for batch in self.micro_batches(encoded, prepared.request):
             generate = lambda rows: self._generate_batch(prepared, rows)  # noqa: E731
             for row, result in zip(batch, self._run_or_split(batch, generate)):
@@ -163,8 +186,8 @@ class InstructionEngine:
                   keys: list[Any]) -> list[InstructionResult]:
         """Every row scored against ``choices`` under the choice instruction."""
         choices = prepared.request.choices
-        results, encoded = self._encode(prepared.choice_encoder, lambda text: choice_instruction(text, choices),
-                                        prepared.request, instructions, contexts, keys)
+        results, encoded = self._encode(prepared.choice_encoder, _choice_rewrite(prepared.request), prepared.request,
+                                        instructions, contexts, keys)
         plan = choice_batches([len(row.ids) for row in encoded], self.config.token_budget, len(choices),
                               prepared.scorer.longest_choice, self.config.max_batch_rows)
         for batch in [[encoded[i] for i in rows] for rows in plan]:
@@ -258,6 +281,43 @@ class InstructionEngine:
                 prepared.strategy = "static"
         # Looked up here, not bound at construction, so the attention policy stays the engine's.
         return prepared.static.generate(batch, ragged_attention)
+
+
+def _columns(rows: Rows) -> tuple[list[Any], list[Any], list[Any]]:
+    """(instructions, contexts, keys) of ``rows`` as lists of one length (None where not given)."""
+    instructions = list(rows.instructions)
+    count = len(instructions)
+    contexts = list(rows.contexts) if rows.contexts is not None else [None] * count
+    if len(contexts) != count or (rows.keys is not None and len(rows.keys) != count):
+        raise ValueError("instructions, contexts and keys must have the same length")
+    keys = list(rows.keys) if rows.keys is not None else [None] * count
+    return instructions, contexts, keys
+
+
+def _schema_rewrite(request: Request) -> Callable[[str], str] | None:
+    """How a generated row's instruction is extended: with the schema's, under ``json_schema``."""
+    schema = request.json_schema
+    return (lambda text: schema_instruction(text, schema)) if schema is not None else None
+
+
+def _choice_rewrite(request: Request) -> Callable[[str], str]:
+    """A scored row's instruction, extended with the list of ``choices``."""
+    return lambda text: choice_instruction(text, request.choices)
+
+
+def _combined(labels: list[InstructionResult] | None, answers: list[InstructionResult] | None) -> list[InstructionResult]:
+    """One result per row from the scored labels, the generated answers, or both."""
+    if labels is None or answers is None:
+        return labels if answers is None else answers  # type: ignore[return-value]
+    return [_with_label(answer, label) for answer, label in zip(answers, labels)]
+
+
+def _encoded_results(results: list[InstructionResult | None], encoded: list[EncodedRow]) -> list[InstructionResult]:
+    """``_encode``'s outcome as one result per row: the refused rows' errors, and for each
+    encoded row its prompt length and truncation."""
+    for row in encoded:
+        results[row.index] = InstructionResult(None, FINISH_PENDING, prompt_tokens=len(row.ids), truncated=row.truncated)
+    return results  # type: ignore[return-value]
 
 
 def _with_label(answer: InstructionResult, label: InstructionResult) -> InstructionResult:

@@ -31,6 +31,7 @@ DOWNLOAD_LEDGER = "downloads.log"
 _models: dict[tuple, object] = {}  # (spec, gpu, engine, dtype) -> a loaded engine; at most one entry
 _engines: dict[tuple, object] = {}  # ((spec, gpu, engine, dtype), config) -> an engine on that model
 _engines_lock = threading.Lock()
+_encoders: dict[tuple, object] = {}  # (spec, config) -> an engine without weights, for counting prompts
 _process_loads = 0  # models this process loaded, for its log lines
 
 
@@ -120,6 +121,21 @@ def load_engine(spec: ModelSpec, config: EngineConfig | None = None, gpu_index: 
             _models[model_key] = _models.get(model_key, engine)
             _engines[(model_key, config)] = engine
     return engine
+
+
+def load_encoder(spec: ModelSpec, config: EngineConfig | None = None, cache_root: str | None = None):
+    """An engine for ``spec`` that encodes rows exactly as ``load_engine``'s and holds no
+    weights (``without_weights``): a dry run's prompt counts, on executors with or without an
+    accelerator. Its files come through the same node-local cache."""
+    config = config or EngineConfig()
+    with _engines_lock:
+        encoder = _encoders.get((spec, config))
+        if encoder is None:
+            model_path, tokenizer_path = local_model_paths(spec, cache_root)
+            encoder = engine_class(config.engine).without_weights(model_path, tokenizer_path, spec.prompt_format,
+                                                                  config)
+            _encoders[(spec, config)] = encoder
+    return encoder
 
 
 def forget_model(spec: ModelSpec, config: EngineConfig | None = None, gpu_index: int | None = None) -> None:

@@ -25,7 +25,7 @@ from dolly_spark.request import Request, build_request
 from dolly_spark.spark.sessions import ARROW_BATCH_CONF
 from dolly_spark.spark.structured import as_struct, describe, json_schema, structured_columns
 from dolly_spark.spark.tables import require_columns
-from dolly_spark.spark.udf import RESULT_SCHEMA, instruction_udf
+from dolly_spark.spark.udf import RESULT_SCHEMA, instruction_udf, prompt_count_udf
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +163,8 @@ def apply_request(df: DataFrame, request: Request, config: EngineConfig | None =
     if arrow_batch_size:
         # Session-wide by Spark's design: it is read when the action runs.
         df.sparkSession.conf.set(ARROW_BATCH_CONF, str(arrow_batch_size))
-    generate = instruction_udf(request, config)
-    instruction = instructions if instructions is not None else F.lit(request.instruction)
-    context = F.col(input_col) if input_col else F.lit(None).cast("string")
-    key = F.col(key_col).cast("string") if key_col else F.lit(None).cast("string")
-    answered = df.withColumn(output_col, generate(instruction, context, key))
+    inputs = _udf_inputs(request, instructions, input_col, key_col)
+    answered = df.withColumn(output_col, instruction_udf(request, config)(*inputs))
     struct = StructType.fromJson(json.loads(request.output_type)) if request.output_type else None
     if not request.choices and struct is None:
         return answered
@@ -175,6 +172,26 @@ def apply_request(df: DataFrame, request: Request, config: EngineConfig | None =
     raw = F.col(output_col)
     fields = [raw[field.name].alias(field.name) for field in RESULT_SCHEMA.fields]
     return answered.withColumn(output_col, F.struct(*fields, *structured_columns(raw, request.choices, struct)))
+
+
+def count_prompts(df: DataFrame, request: Request, config: EngineConfig | None = None, *, input_col: str | None = None,
+                  key_col: str | None = None, output_col: str = "prompt") -> DataFrame:
+    """``df`` with ``output_col``: each row's ``prompt_tokens``, ``truncated`` and refusal
+    ``error`` under ``request``, as ``apply_request`` would count them, from the model's
+    tokenizer alone (no weights loaded, nothing generated). For a dry run's estimate."""
+    config = config or EngineConfig()
+    _check_columns(df, input_col, key_col, output_col)
+    config.check(request)
+    return df.withColumn(output_col, prompt_count_udf(request, config)(*_udf_inputs(request, None, input_col, key_col)))
+
+
+def _udf_inputs(request: Request, instructions: Column | None, input_col: str | None,
+                key_col: str | None) -> tuple[Column, Column, Column]:
+    """The (instruction, input, key) columns the request's UDFs take."""
+    instruction = instructions if instructions is not None else F.lit(request.instruction)
+    context = F.col(input_col) if input_col else F.lit(None).cast("string")
+    key = F.col(key_col).cast("string") if key_col else F.lit(None).cast("string")
+    return instruction, context, key
 
 
 def _check_columns(df: DataFrame, input_col: str | None, key_col: str | None, output_col: str) -> None:

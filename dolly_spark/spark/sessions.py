@@ -225,11 +225,28 @@ def generation_parallelism(spark: SparkSession) -> int:
     try:
         context = spark.sparkContext
         conf = dict(context.getConf().getAll())
-        # getExecutorMemoryStatus lists the block managers: every executor and the driver.
-        executors = max(1, context._jsc.sc().getExecutorMemoryStatus().size() - 1)
-        return tasks_per_wave(conf, executors, context.defaultParallelism)
+        return tasks_per_wave(conf, executor_count(spark), context.defaultParallelism)
     except Exception:  # noqa: BLE001 - Spark Connect sessions have no SparkContext
         return int(spark.conf.get("spark.default.parallelism", "8"))
+
+
+def executor_kind(spark: SparkSession) -> str:
+    """The kind of executors a run has, in words (``"2 CPU task slots"``, ``"8 GPU task slots"``):
+    what a run's measured rate holds for, so an estimate uses the rates of runs on the same kind."""
+    try:
+        gpus = float(spark.sparkContext.getConf().get("spark.executor.resource.gpu.amount", "0") or 0)
+    except Exception:  # noqa: BLE001 - Spark Connect sessions have no SparkContext
+        gpus = 0
+    return f"{generation_parallelism(spark)} {'GPU' if gpus > 0 else 'CPU'} task slots"
+
+
+def executor_count(spark: SparkSession) -> int:
+    """The executors registered now (1 in local mode, where the driver runs the tasks)."""
+    try:
+        # getExecutorMemoryStatus lists the block managers: every executor and the driver.
+        return max(1, spark.sparkContext._jsc.sc().getExecutorMemoryStatus().size() - 1)
+    except Exception:  # noqa: BLE001 - Spark Connect sessions have no SparkContext
+        return 1
 
 
 def tasks_per_wave(conf: dict[str, str], executors: int, default_parallelism: int) -> int:

@@ -31,6 +31,16 @@ RESULT_SCHEMA = StructType(
 )
 
 
+# What a dry run learns of a row without running the model (``InstructionEngine.encode_only``).
+PROMPT_COUNT_SCHEMA = StructType(
+    [
+        StructField("prompt_tokens", IntegerType()),
+        StructField("truncated", BooleanType()),
+        StructField("error", StringType()),
+    ]
+)
+
+
 def result_schema(choices: Sequence[str] | None = None, schema: str | StructType | None = None) -> StructType:
     """The struct ``apply_instruction`` gives each row for these ``choices`` and ``schema``."""
     struct = as_struct(schema) if schema is not None else None
@@ -92,3 +102,23 @@ def instruction_udf(request: Request, config: EngineConfig):
             yield results_frame(results, request.model, labels=bool(request.choices))
 
     return generate
+
+
+def prompt_count_udf(request: Request, config: EngineConfig):
+    """The pandas UDF (instruction, input, key) -> PROMPT_COUNT_SCHEMA: each row encoded as
+    ``instruction_udf`` would encode it, by the model's tokenizer, with no weights loaded."""
+
+    @pandas_udf(PROMPT_COUNT_SCHEMA)
+    def count(batches: Iterator[tuple[pd.Series, pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
+        from dolly_spark.lifecycle.loader import load_encoder
+
+        engine = load_encoder(request.model, config)
+        for instructions, contexts, keys in batches:
+            results = engine.encode_only(Rows(instructions.tolist(), contexts.tolist(), keys.tolist()), request)
+            yield pd.DataFrame({
+                "prompt_tokens": pd.array([r.prompt_tokens for r in results], dtype="int32"),
+                "truncated": [bool(r.truncated) for r in results],
+                "error": [r.error for r in results],
+            })
+
+    return count

@@ -185,6 +185,15 @@ def test_max_input_tokens_comes_from_the_yaml_and_the_flag():
     assert flagged.max_input_tokens == 512
 
 
+def test_a_switch_alone_turns_it_on_and_a_value_sets_it():
+    parse = lambda *flags: load_config(SummarizeConfig, list(flags), "summarize", "")  # noqa: E731
+    assert parse().dry_run is False
+    assert parse("--dry-run").dry_run is True
+    assert parse("--dry-run", "--max-hours", "2").max_hours == 2.0
+    assert parse("--dry-run", "false").dry_run is False
+    assert parse("--fail-over-budget", "--dry-run").fail_over_budget is True
+
+
 @pytest.mark.slow
 def test_max_input_tokens_truncates_long_tickets(spark, registered_tiny):
     name, _ = registered_tiny

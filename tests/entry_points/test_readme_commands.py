@@ -33,12 +33,24 @@ def succeeded(result) -> str:
 def test_readme_job_commands_run_verbatim_on_the_embedded_default(spark, home):
     readme = readme_commands()
     summarize = "spark-submit jobs/summarize_tickets.py --config conf/summarize_tickets.yaml"
+    # The dry run first: it counts what the run after it does, and writes no table.
+    dry_run = f"{summarize} --dry-run"
+    assert dry_run in readme
+    output = succeeded(run_command(dry_run, home))
+    assert re.search(r"^pending tickets +40 \(40 new\)$", output, re.M), output[-3000:]
+    # Calibrated, unless a run of the same request on the same kind of executors (another test's
+    # cluster run, say) is in this home's MLflow.
+    assert re.search(r"^rate from +(a calibration run of 8 tickets|MLflow run \w+ )", output, re.M), output[-3000:]
+    counted_prompt_tokens = int(re.search(r"^prompt tokens +(\d+) ", output, re.M)[1])
+    assert not (home / "warehouse" / "ticket_summaries").exists()
+
     assert f"source .venv/bin/activate\n{summarize}" in readme
     output = succeeded(run_command(summarize, home))
     assert "40 tickets summarized with support_dolly v1" in output
     assert "using the Spark master local[*] from spark-submit" in output
-    rows = read_delta(spark, home, "ticket_summaries").select("ticket_id").collect()
+    rows = read_delta(spark, home, "ticket_summaries").select("ticket_id", "prompt_tokens").collect()
     assert len(rows) == len({row["ticket_id"] for row in rows}) == 40
+    assert sum(row["prompt_tokens"] for row in rows) == counted_prompt_tokens
     # The staging tables of a finished run are gone (its released claim's table stays).
     assert [path.name for path in (home / "warehouse").glob("ticket_summaries__*")] == ["ticket_summaries__claim"]
 
