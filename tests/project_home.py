@@ -20,10 +20,14 @@ def job_env(home: Path, **extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("PYSPARK_", "SPARK_", "MLFLOW_", "DOLLY_SPARK_", "VIRTUAL_ENV"))}
     env.update({"DOLLY_SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1", **extra})
-    # The JVMs of these commands live for seconds to a couple of minutes: the JIT's first tier
-    # alone ran a summarize job here in 36-38 s against 45.6 s with both tiers, whose optimizing
-    # compiler spends more CPU than it saves in that time. (The long-lived test session's own
-    # JVM keeps both.) What a job computes does not change.
+    return with_short_lived_jvm(env)
+
+
+def with_short_lived_jvm(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a command whose JVM lives for seconds to a couple of minutes: the JIT's first
+    tier alone ran a summarize job here in 36-38 s against 45.6 s with both tiers, whose
+    optimizing compiler spends more CPU than it saves in that time. (The long-lived test
+    session's own JVM keeps both.) What a job computes does not change."""
     env.setdefault("JAVA_TOOL_OPTIONS", "-XX:TieredStopAtLevel=1")
     return env
 

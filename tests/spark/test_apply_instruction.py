@@ -14,6 +14,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from conftest import no_jobs_ran
+from project_home import with_short_lived_jvm
 
 from dolly_spark import apply_instruction
 from dolly_spark.inference.engine import InstructionEngine
@@ -216,8 +217,8 @@ def loads(stderr: str, model_dir: Path) -> set[tuple[str, str]]:
 def test_each_python_worker_loads_once_and_a_broken_model_fails_the_task_which_spark_retries(
         tiny_model_dir, broken_checkpoint, tmp_path):
     repo = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "DOLLY_SPARK_HOME": str(tmp_path), "PYSPARK_PYTHON": sys.executable,
-           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    env = with_short_lived_jvm({**os.environ, "DOLLY_SPARK_HOME": str(tmp_path), "PYSPARK_PYTHON": sys.executable,
+                                "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))})
     job = subprocess.run([sys.executable, "-c", RETRY_JOB, str(tiny_model_dir), str(broken_checkpoint)], env=env,
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     lines = [line for line in job.stdout.splitlines() if line.startswith("REPORT ")]

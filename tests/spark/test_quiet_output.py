@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dolly_spark.spark.install import setup_spark
+from project_home import with_short_lived_jvm
 from dolly_spark.spark.log_config import QUIETED_LOGGERS, log4j2_properties, written_by_the_package
 from dolly_spark.spark.sessions import _log_config_option
 
@@ -41,9 +42,10 @@ ORDINARY_RUN = textwrap.dedent("""
 def test_a_session_the_package_starts_prints_no_internal_warnings(tmp_path):
     conf_dir = tmp_path / "spark_conf"  # no log4j2.properties of the user's: the package's applies
     conf_dir.mkdir()
-    env = {**os.environ, "DOLLY_SPARK_HOME": str(tmp_path / "home"), "SPARK_CONF_DIR": str(conf_dir),
-           "PYSPARK_PYTHON": sys.executable,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = with_short_lived_jvm({
+        **os.environ, "DOLLY_SPARK_HOME": str(tmp_path / "home"), "SPARK_CONF_DIR": str(conf_dir),
+        "PYSPARK_PYTHON": sys.executable,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     run = subprocess.run([sys.executable, "-c", ORDINARY_RUN], env=env, cwd=tmp_path, capture_output=True,
                          text=True, timeout=400)
     assert run.returncode == 0 and run.stdout.strip().endswith("2"), run.stderr[-3000:]
