@@ -28,7 +28,7 @@ from dolly_spark.batch import incremental, staging
 from dolly_spark.inference.engines import EngineConfig
 from dolly_spark.request import Request
 from dolly_spark.spark.apply import apply_request, count_prompts
-from dolly_spark.spark.sessions import executor_count, executor_kind, generation_parallelism
+from dolly_spark.spark.sessions import executor_count, executor_kind, generation_parallelism, has_gpu_executors
 
 log = logging.getLogger(__name__)
 
@@ -223,9 +223,9 @@ def build(spark: SparkSession, pending: DataFrame, target: DataFrame | None, con
 
     tickets = keyed(pending).drop(staging.CHUNK_COL, staging.COPIES_COL)
     rate = measured_rate(spark, tickets, config, request, engine) if estimate.pending_rows else None
-    cap, estimate.cap = row_cap(config, rate)
+    cap, cap_text = row_cap(config, rate)
     taken = estimate.pending_rows if cap is None else min(cap, estimate.pending_rows)
-    estimate.cap = estimate.cap if taken < estimate.pending_rows else ""
+    estimate.cap = cap_text if taken < estimate.pending_rows else ""
     estimate.rows_this_run = taken
     run_tickets = tickets if taken == estimate.pending_rows else staging.first_rows(tickets, config.id_col, taken)
     _count_tokens(estimate, run_tickets, config, request, engine)
@@ -234,8 +234,7 @@ def build(spark: SparkSession, pending: DataFrame, target: DataFrame | None, con
         estimate.seconds = rate.seconds(taken)
         estimate.expected_generated_tokens = min(estimate.generated_tokens_bound,
                                                  round(taken * rate.completion_tokens_per_row))
-        gpus = kind.split()[1] == "GPU"
-        estimate.slot_name = "GPU" if gpus else "CPU-core"
+        estimate.slot_name = "GPU" if has_gpu_executors(spark) else "CPU-core"
         estimate.slot_hours = estimate.seconds / 3600 * generation_parallelism(spark)
     if config.price_per_hour > 0 and estimate.seconds is not None:
         estimate.price_per_hour = config.price_per_hour

@@ -146,13 +146,20 @@ def dry_run(spark: SparkSession, config: SummarizeConfig) -> estimation.Estimate
     a run of its own; the target is not written (no claim, no staging table, no MERGE).
     ``.as_dict()`` gives it as a dict, ``.table()`` as the console prints it."""
     source, request, engine = validate(spark, config)
-    if config.shared_model_dir:
-        request = replace(request, model=stage_for_executors(request.model, config.shared_model_dir))
+    request = _for_executors(request, config)
     target = current_target(spark, config)
     pending = pending_tickets(source, target, config, request.fingerprint())
     estimate = estimation.build(spark, pending, target, config, request, engine)
     estimation.log_to_mlflow(estimate, config, request)
     return estimate
+
+
+def _for_executors(request: Request, config: SummarizeConfig) -> Request:
+    """``request`` as executors load it: with ``shared_model_dir``, from the files the driver
+    downloads there, once per run (the fingerprint is unchanged: same name and version)."""
+    if not config.shared_model_dir:
+        return request
+    return replace(request, model=stage_for_executors(request.model, config.shared_model_dir))
 
 
 def run_summarize(spark: SparkSession, config: SummarizeConfig) -> SummarizeReport:
@@ -163,9 +170,7 @@ def run_summarize(spark: SparkSession, config: SummarizeConfig) -> SummarizeRepo
     spec = request.model
     report = SummarizeReport(spec.name, spec.version)
     fingerprint = request.fingerprint()
-    if config.shared_model_dir:
-        # Once per run, on the driver: executors then load from the shared directory.
-        request = replace(request, model=stage_for_executors(spec, config.shared_model_dir))
+    request = _for_executors(request, config)
     started = time.perf_counter()
     with mlflow.start_run(run_name="summarize_tickets") as run:
         mlflow.log_params({**asdict(config), "model_version": spec.version, "model_name": spec.name,

@@ -233,11 +233,15 @@ def generation_parallelism(spark: SparkSession) -> int:
 def executor_kind(spark: SparkSession) -> str:
     """The kind of executors a run has, in words (``"2 CPU task slots"``, ``"8 GPU task slots"``):
     what a run's measured rate holds for, so an estimate uses the rates of runs on the same kind."""
+    return f"{generation_parallelism(spark)} {'GPU' if has_gpu_executors(spark) else 'CPU'} task slots"
+
+
+def has_gpu_executors(spark: SparkSession) -> bool:
+    """Whether executors are given GPUs (``spark.executor.resource.gpu.amount``)."""
     try:
-        gpus = float(spark.sparkContext.getConf().get("spark.executor.resource.gpu.amount", "0") or 0)
+        return float(spark.sparkContext.getConf().get("spark.executor.resource.gpu.amount", "0") or 0) > 0
     except Exception:  # noqa: BLE001 - Spark Connect sessions have no SparkContext
-        gpus = 0
-    return f"{generation_parallelism(spark)} {'GPU' if gpus > 0 else 'CPU'} task slots"
+        return False
 
 
 def executor_count(spark: SparkSession) -> int:
