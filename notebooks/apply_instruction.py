@@ -19,6 +19,9 @@
 # MAGIC `result.parsed.order_id` is a column like any other. Raise `max_new_tokens` to leave room for the JSON.
 # MAGIC Both may be set at once.
 # MAGIC
+# MAGIC **Engine.** `auto` runs vLLM on GPU workers where it is installed (`%pip install vllm`), the
+# MAGIC package's own engine elsewhere; both give the same greedy answers, and `result.engine` says which ran.
+# MAGIC
 # MAGIC The next cell installs the package from the bundle's synced source (the folder above this notebook
 # MAGIC holds `setup.py`); with the wheel already attached to the cluster, skip it.
 
@@ -44,6 +47,7 @@ dbutils.widgets.text("max_rows", "20", "Rows to process")
 dbutils.widgets.text("output_table", "", "Save results to this table (empty: only display)")
 dbutils.widgets.text("choices", "", "Classify into these labels, comma-separated (empty: free text)")
 dbutils.widgets.text("schema", "", "Extract these fields, a Spark schema such as 'order_id STRING' (empty: none)")
+dbutils.widgets.dropdown("engine", "auto", ["auto", "vllm", "hf"], "Engine (auto: vLLM on GPU workers that have it)")
 
 # COMMAND ----------
 
@@ -59,6 +63,7 @@ results = apply_instruction(
     max_new_tokens=int(dbutils.widgets.get("max_new_tokens")),
     choices=labels or None,
     schema=dbutils.widgets.get("schema").strip() or None,
+    engine=dbutils.widgets.get("engine"),
 )
 if output_table:
     # Display what was saved rather than the plan: displaying the plan would generate again.

@@ -35,6 +35,7 @@ dbutils.widgets.text("max_rows", str(defaults.max_rows), "Most tickets this run 
 dbutils.widgets.text("experiment", defaults.experiment, "MLflow experiment")
 dbutils.widgets.text("shared_model_dir", defaults.shared_model_dir,
                      "Model files for executors without registry access (a UC Volume path; empty: none)")
+dbutils.widgets.dropdown("engine", defaults.engine, ["auto", "vllm", "hf"], "Engine (auto: vLLM on GPU workers that have it)")
 
 # COMMAND ----------
 
@@ -49,6 +50,7 @@ config = SummarizeConfig(
     max_rows=int(dbutils.widgets.get("max_rows")),
     experiment=dbutils.widgets.get("experiment"),
     shared_model_dir=dbutils.widgets.get("shared_model_dir"),
+    engine=dbutils.widgets.get("engine"),
 )
 configure_mlflow(config.experiment)
 report = run_summarize(spark, config)

@@ -17,6 +17,7 @@ answer stays and the failure is recorded beside it (``last_error``, ``attempts``
 """
 from __future__ import annotations
 
+import logging
 import operator
 from functools import reduce
 
@@ -24,6 +25,10 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from dolly_spark.inference.encoder import INPUT_ERROR_PREFIXES
+from dolly_spark.inference.engines import ENGINES
+from dolly_spark.spark.udf import ADDED_RESULT_FIELDS
+
+log = logging.getLogger(__name__)
 
 # Columns this module adds to a target table, with their Spark SQL types.
 TRACKING_COLUMNS = {
@@ -111,6 +116,7 @@ def merge_results(spark: SparkSession, staged: DataFrame, target: str, id_col: s
 
     if not spark.catalog.tableExists(target):
         with_tracking(staged).limit(0).write.format("delta").saveAsTable(target)
+    _add_new_result_fields(spark, staged, target)
     attempts = "CASE WHEN t.attempt_key = s.attempt_key AND t.attempts IS NOT NULL THEN t.attempts + 1 ELSE 1 END"
     attempt = {"attempts": attempts, "last_attempt_at": "s.processed_at", "attempt_key": "s.attempt_key"}
     everything = {name: f"s.`{name}`" for name in staged.columns if name not in attempt}
@@ -130,6 +136,17 @@ def merge_results(spark: SparkSession, staged: DataFrame, target: str, id_col: s
     )
 
 
+def _add_new_result_fields(spark: SparkSession, staged: DataFrame, target: str) -> None:
+    """Add to ``target`` the result fields it was written without (``ADDED_RESULT_FIELDS``), so
+    the MERGE can set them; its earlier rows hold null there."""
+    have = set(spark.read.table(target).columns)
+    added = [field for field in staged.schema.fields if field.name in ADDED_RESULT_FIELDS and field.name not in have]
+    if added:
+        columns = ", ".join(f"`{field.name}` {field.dataType.simpleString()}" for field in added)
+        spark.sql(f"ALTER TABLE {target} ADD COLUMNS ({columns})")
+        log.info("target table %s gained the result columns %s", target, [field.name for field in added])
+
+
 def with_tracking(staged: DataFrame) -> DataFrame:
     """``staged`` with the tracking columns it does not carry itself, typed, for creating a target."""
     extra = [F.lit(None).cast(TRACKING_COLUMNS[name]).alias(name)
@@ -139,7 +156,7 @@ def with_tracking(staged: DataFrame) -> DataFrame:
 
 def chunk_totals(staged: DataFrame, target: DataFrame | None, id_col: str, max_attempts: int) -> dict[str, int]:
     """What a chunk about to be merged holds, in one Spark job: rows, errors, prompt and completion
-    tokens; how many rows retry a failed request (``retried``), how many of those now succeed
+    tokens, rows answered by each engine (``rows_engine_<name>``); how many rows retry a failed request (``retried``), how many of those now succeed
     (``recovered``), and how many failures reach ``max_attempts`` with this one or cannot pass on
     a retry (``given_up``)."""
     if target is None:
@@ -161,5 +178,6 @@ def chunk_totals(staged: DataFrame, target: DataFrame | None, id_col: str, max_a
         F.sum(F.when(retry & F.col("error").isNull(), 1).otherwise(0)).alias("recovered"),
         F.sum(F.when(F.col("error").isNotNull() & ((attempts_now >= max_attempts) | input_only(F.col("error"))), 1)
               .otherwise(0)).alias("given_up"),
+        *[F.sum(F.when(F.col("engine") == name, 1).otherwise(0)).alias(f"rows_engine_{name}") for name in ENGINES],
     ).first()
     return {name: int(totals[name] or 0) for name in totals.asDict()}

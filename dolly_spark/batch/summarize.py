@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 
 import mlflow
@@ -30,7 +30,7 @@ from dolly_spark.batch import estimate as estimation
 from dolly_spark.batch.incremental import attempt_key, input_hash, merge_results
 from dolly_spark.batch.progress import ChunkProgress
 from dolly_spark.batch.targets import validate
-from dolly_spark.inference.engines import ENGINES, EngineConfig
+from dolly_spark.inference.engines import AUTO, ENGINE_CHOICES, ENGINES, EngineConfig
 from dolly_spark.job_config import option
 from dolly_spark.lifecycle.loader import stage_for_executors
 from dolly_spark.request import Request
@@ -96,8 +96,9 @@ class SummarizeConfig:
     claim_timeout_minutes: float = option(60, "a run claims its target table; a claim without a heartbeat "
                                           "(refreshed between chunks) for this long is taken to be a dead run's, "
                                           "and taken over")
-    engine: str = option("hf", f"the engine that runs the model: {', '.join(sorted(ENGINES))} (how rows are run, "
-                         "never what they answer: a change of engine reprocesses nothing)")
+    engine: str = option(AUTO, f"the engine that runs the model: {', '.join(ENGINE_CHOICES)} (auto: vllm on executors "
+                         "with a CUDA device and vLLM installed, hf elsewhere; how rows are run, never what they "
+                         "answer: a change of engine reprocesses nothing)")
     experiment: str = option("dolly_spark", "MLflow experiment of the job's runs")
 
 
@@ -117,6 +118,7 @@ class SummarizeReport:
     chunks: int = 0
     rows_left: int = 0  # pending tickets over the run's cap, left for the next run
     wall_seconds: float = 0.0
+    rows_by_engine: dict[str, int] = field(default_factory=dict)  # engine name -> rows it answered
 
     @property
     def tokens_per_second(self) -> float:
@@ -198,7 +200,9 @@ def run_summarize(spark: SparkSession, config: SummarizeConfig) -> SummarizeRepo
             "given_up": report.given_up,
             "chunks": report.chunks,
             "rows_left": report.rows_left,
+            **{f"rows_engine_{name}": rows for name, rows in report.rows_by_engine.items()},
         })
+        mlflow.set_tag("engines_used", ",".join(sorted(name for name, rows in report.rows_by_engine.items() if rows)))
     return report
 
 
@@ -312,3 +316,5 @@ def _summarize_chunk(spark: SparkSession, tickets: DataFrame, chunk: staging.Chu
     report.retried += totals["retried"]
     report.recovered += totals["recovered"]
     report.given_up += totals["given_up"]
+    for name in ENGINES:
+        report.rows_by_engine[name] = report.rows_by_engine.get(name, 0) + totals[f"rows_engine_{name}"]

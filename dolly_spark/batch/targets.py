@@ -13,7 +13,7 @@ from dolly_spark.lifecycle.registry import resolve_model
 from dolly_spark.request import Request, build_request, check_choices
 from dolly_spark.spark.structured import STRUCTURED_FIELDS, as_struct, describe, json_schema
 from dolly_spark.spark.tables import require_columns, require_table, table_exists
-from dolly_spark.spark.udf import result_schema
+from dolly_spark.spark.udf import ADDED_RESULT_FIELDS, result_schema
 
 
 def validate(spark: SparkSession, config) -> tuple[DataFrame, Request, EngineConfig]:
@@ -58,10 +58,12 @@ def check_target(target: StructType, id_field: StructField, results: StructType,
     where = f"target table {config.target_table!r}"
     fix = "point --target-table at a new table, or at one this job wrote with the same choices and schema"
     have = {field.name: field.dataType.simpleString() for field in target.fields}
-    missing = sorted(name for name in [config.id_col, *results.names] if name not in have)
+    missing = sorted(name for name in [config.id_col, *results.names] if name not in have
+                     and name not in ADDED_RESULT_FIELDS)
     if missing:
         raise ValueError(f"{where} exists but lacks columns {missing}; {fix}")
-    wanted = [(field.name, field.dataType.simpleString()) for field in [id_field, *results.fields]]
+    wanted = [(field.name, field.dataType.simpleString()) for field in [id_field, *results.fields]
+              if field.name in have]
     differ = [f"{name} is {have[name]}, this run writes {kind}" for name, kind in wanted if have[name] != kind]
     stale = sorted(name for name in STRUCTURED_FIELDS if name in have and name not in results.names)
     if differ:

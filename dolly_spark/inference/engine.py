@@ -143,20 +143,7 @@ class InstructionEngine:
         With ``choices`` each result carries a label and the choices' probabilities; with
         ``json_schema`` its response is JSON text (see ``InstructionResult``).
         """
-        prepared = self.prepare(request)
-        columns = _columns(rows)
-        count = len(columns[0])
-        started = time.perf_counter()
-        labels = self._classify(prepared, *columns) if prepared.scorer else None
-        answers = self._answer(prepared, *columns) if request.generates else None
-        results = _combined(labels, answers)
-        seconds = time.perf_counter() - started
-        self.stats.generate_seconds += seconds
-        self.stats.rows += count
-        generated = sum(r.completion_tokens for r in results)
-        failed = sum(r.finish_reason == FINISH_ERROR for r in results)
-        log.info("%d rows (%d answered with an error): %d tokens generated in %.1fs", count, failed, generated, seconds)
-        return results
+        return run_rows(self, rows, request)
 
     def encode_only(self, rows: Rows, request: Request) -> list[InstructionResult]:
         """What ``run`` would give each row before the model runs: the error result of a row it
@@ -281,6 +268,25 @@ class InstructionEngine:
                 prepared.strategy = "static"
         # Looked up here, not bound at construction, so the attention policy stays the engine's.
         return prepared.static.generate(batch, ragged_attention)
+
+
+def run_rows(engine: Any, rows: Rows, request: Request) -> list[InstructionResult]:
+    """What an engine's ``run`` is, given its ``prepare``, ``_classify`` and ``_answer`` (each
+    engine scores and generates its own way): labels, answers or both, one result per row in
+    input order, timed and counted into ``engine.stats``."""
+    prepared = engine.prepare(request)
+    columns = _columns(rows)
+    started = time.perf_counter()
+    labels = engine._classify(prepared, *columns) if prepared.scorer else None
+    answers = engine._answer(prepared, *columns) if request.generates else None
+    results = _combined(labels, answers)
+    seconds = time.perf_counter() - started
+    engine.stats.generate_seconds += seconds
+    engine.stats.rows += len(results)
+    failed = sum(r.finish_reason == FINISH_ERROR for r in results)
+    log.info("%s engine: %d rows (%d answered with an error): %d tokens generated in %.1fs", engine.name,
+             len(results), failed, sum(r.completion_tokens for r in results), seconds)
+    return results
 
 
 def _columns(rows: Rows) -> tuple[list[Any], list[Any], list[Any]]:

@@ -10,6 +10,7 @@ without an engine's packages never imports them. A new engine is one module plus
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, Sequence
 
@@ -19,14 +20,20 @@ STRATEGIES = ("static", "continuous")
 # name -> "module:class" of a class that implements ``Engine``.
 ENGINES = {
     "hf": "dolly_spark.inference.engine:InstructionEngine",
+    "vllm": "dolly_spark.inference.vllm_engine:VllmEngine",
 }
+# Not an engine: which one runs is decided where the model loads (``resolve_engine``).
+AUTO = "auto"
+ENGINE_CHOICES = (AUTO, *ENGINES)
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     """How rows are run; never what they answer, so none of it enters a request's fingerprint.
 
-    ``engine`` names an entry of ``ENGINES``. ``token_budget`` bounds each micro-batch: rows ×
+    ``engine`` names an entry of ``ENGINES``, or is "auto": vLLM where the model loads on a
+    CUDA device and vLLM is installed, the "hf" engine otherwise (``resolve_engine``; decided on
+    each executor, whose GPUs the driver may not have). ``token_budget`` bounds each micro-batch: rows ×
     (longest prompt + max_new_tokens), the tokens its KV cache holds at the end; a prompt never
     exceeds it either. ``max_batch_rows`` caps a micro-batch's rows. Within a micro-batch,
     prompts are prefilled in groups of similar length: a row shorter than ``min_length_ratio``
@@ -34,19 +41,25 @@ class EngineConfig:
     ``strategy``: "static" (the preallocated cache) or "continuous" (transformers'
     ``generate_batch``, greedy only). ``reuse_prefix``: the prompt tokens every row of a
     micro-batch shares are prefilled once. ``dtype`` overrides the device's default precision.
+    The "vllm" engine takes ``max_batch_rows`` as its most concurrent rows, ``token_budget`` as
+    its most tokens per scheduler step, and ``gpu_memory_utilization`` as the share of the GPU's
+    memory it may hold (weights and KV cache); it batches continuously, whatever ``strategy``.
     """
 
-    engine: str = "hf"
+    engine: str = AUTO
     token_budget: int = 16384
     max_batch_rows: int = 64
     min_length_ratio: float = 0.75
     strategy: str = "static"
     reuse_prefix: bool = True
     dtype: str | None = None
+    gpu_memory_utilization: float = 0.85
 
     def __post_init__(self):
-        if self.engine not in ENGINES:
-            raise ValueError(f"engine must be one of {sorted(ENGINES)}, not {self.engine!r}")
+        if self.engine not in ENGINE_CHOICES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINE_CHOICES)}, not {self.engine!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], not {self.gpu_memory_utilization}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, not {self.strategy!r}")
         if self.token_budget < 2 or self.max_batch_rows < 1:
@@ -90,9 +103,26 @@ class Engine(Protocol):
         problem, so the Spark task fails and is retried."""
 
 
+def resolve_engine(name: str) -> str:
+    """The engine "auto" stands for here: "vllm" when this process sees a CUDA device and can
+    import vLLM (on GPUs vLLM is many times faster), "hf" otherwise (on CPUs ours is faster and
+    gives the same answers). Any other name is itself."""
+    if name != AUTO:
+        return name
+    import os
+
+    import torch
+
+    # Asked of NVML, not of CUDA: initialising CUDA here would fix the visible devices before
+    # the vllm engine makes the task's GPU the only one (see ``VllmEngine.from_pretrained``).
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None else "hf"
+
+
 def engine_class(name: str) -> Any:
-    """The class registered as engine ``name``, imported now."""
+    """The class registered as engine ``name`` ("auto" resolved here), imported now."""
+    name = resolve_engine(name)
     if name not in ENGINES:
-        raise ValueError(f"engine must be one of {sorted(ENGINES)}, not {name!r}")
+        raise ValueError(f"engine must be one of {', '.join(ENGINE_CHOICES)}, not {name!r}")
     module, attribute = ENGINES[name].split(":")
     return getattr(importlib.import_module(module), attribute)

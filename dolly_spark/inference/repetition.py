@@ -14,6 +14,10 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor
 
+# The key of a request's [repetition_penalty, no_repeat_ngram_size] in vLLM's
+# ``SamplingParams.extra_args`` (``vllm_repetition.AnswerRepetition`` reads it).
+REPETITION_ARG = "dolly_spark_repetition"
+
 
 class RepetitionControl(LogitsProcessor):
     def __init__(self, rows: int, prompt_width: int, penalty: float, ngram_size: int, constrained: bool = False):
@@ -81,3 +85,30 @@ class RepetitionControl(LogitsProcessor):
         if len(answer) < n - 1:
             return set()
         return self.followers[row].get(tuple(answer[len(answer) - n + 1:]), set())
+
+
+def penalized_scores(scores: torch.Tensor, answer: list[int], penalty: float, ngram_size: int) -> torch.Tensor:
+    """One row's next-token ``scores`` under ``RepetitionControl``'s two rules, for an engine
+    that hands over one row and its ``answer`` so far at a time (vLLM's logits processors). A
+    row left with only banned tokens (a grammar allowed no other) keeps them."""
+    vocabulary = scores.shape[-1]
+    seen = [token for token in set(answer) if token < vocabulary] if penalty != 1.0 else []
+    banned: set[int] = set()
+    if ngram_size > 0 and len(answer) >= ngram_size - 1:
+        tail = tuple(answer[len(answer) - ngram_size + 1:]) if ngram_size > 1 else ()
+        banned = {answer[start + ngram_size - 1] for start in range(len(answer) - ngram_size + 1)
+                  if tuple(answer[start:start + ngram_size - 1]) == tail}
+        banned = {token for token in banned if token < vocabulary}
+    if not seen and not banned:
+        return scores
+    scores = scores.clone()
+    if seen:
+        index = torch.tensor(seen, device=scores.device)
+        values = scores[index]
+        scores[index] = torch.where(values < 0, values * penalty, values / penalty)
+    if banned:
+        allowed = scores.clone()
+        scores[torch.tensor(sorted(banned), device=scores.device)] = float("-inf")
+        if torch.isinf(scores).all():
+            return allowed
+    return scores

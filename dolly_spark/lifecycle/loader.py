@@ -21,7 +21,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from dolly_spark.inference.engines import EngineConfig, engine_class
+from dolly_spark.inference.engines import EngineConfig, engine_class, resolve_engine
 from dolly_spark.paths import model_cache_dir
 from dolly_spark.request import ModelSpec
 
@@ -111,7 +111,7 @@ def load_engine(spec: ModelSpec, config: EngineConfig | None = None, gpu_index: 
     most once per process and shared by the engines of every configuration that loads it alike
     (same engine, same dtype); a different model (another version, device, dtype or engine)
     replaces it rather than sitting beside it in accelerator memory."""
-    config = config or EngineConfig()
+    config = _resolved(config)
     model_key = (spec, gpu_index, config.engine, config.dtype)
     with _engines_lock:
         engine = _engines.get((model_key, config))
@@ -143,12 +143,19 @@ def forget_model(spec: ModelSpec, config: EngineConfig | None = None, gpu_index:
     ``load_engine`` loads it afresh. For a task that failed in generation: the model (or the
     device under it) may be what broke, and a retry in this process must not inherit it. Its
     memory is freed once the failure's traceback is gone (``_load`` collects before loading)."""
-    config = config or EngineConfig()
+    config = _resolved(config)
     model_key = (spec, gpu_index, config.engine, config.dtype)
     with _engines_lock:
         _models.pop(model_key, None)
         for key in [key for key in _engines if key[0] == model_key]:
             del _engines[key]
+
+
+def _resolved(config: EngineConfig | None) -> EngineConfig:
+    """``config`` (the default when None) with "auto" replaced by the engine it means in this
+    process, so a loaded engine is kept under the name of the engine that runs."""
+    config = config or EngineConfig()
+    return dataclasses.replace(config, engine=resolve_engine(config.engine))
 
 
 def _load(model_key: tuple, config: EngineConfig, cache_root: str | None):

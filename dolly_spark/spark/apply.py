@@ -58,11 +58,13 @@ def apply_instruction(
     shared_model_dir: str | None = None,
     choices: Sequence[str] | None = None,
     schema: str | StructType | None = None,
-    engine: str = "hf",
+    engine: str = "auto",
+    gpu_memory_utilization: float = 0.85,
 ) -> DataFrame:
     """``df`` with one more column, ``output_col``: a struct per row with ``response``,
     ``finish_reason`` (stop | eos | length | error), ``error``, ``prompt_tokens``,
-    ``completion_tokens``, ``truncated``, ``model_name`` and ``model_version``.
+    ``completion_tokens``, ``truncated``, ``model_name``, ``model_version`` and ``engine`` (the
+    engine that answered it).
 
     Structured answers:
     ``choices`` (labels such as ``["billing", "shipping", "other"]``) classify each row into
@@ -97,9 +99,14 @@ def apply_instruction(
     ``no_repeat_ngram_size`` (no n-gram twice in the answer) stop small models' loops; None takes the value
     registered with the model version (see ``registry.log_and_register``), else off.
 
-    How rows are run never changes an answer and never enters a request's fingerprint:
-    ``engine`` (the registered engine's name, "hf"), ``token_budget``, ``max_batch_rows``,
-    ``min_length_ratio``, ``strategy`` and ``dtype`` make the ``EngineConfig``.
+    How rows are run never enters a request's fingerprint: ``engine``, ``token_budget``,
+    ``max_batch_rows``, ``min_length_ratio``, ``strategy``, ``dtype`` and
+    ``gpu_memory_utilization`` make the ``EngineConfig``. ``engine`` is "vllm" (vLLM: on GPU
+    executors many times faster), "hf" (the package's own transformers engine: faster on CPUs)
+    or "auto" (the default: vLLM where an executor has a CUDA device and vLLM installed, "hf"
+    elsewhere). Both give the same greedy answers on the same model and precision (the tests
+    compare them row for row on the CPU); sampled answers differ between engines, and fp16 or
+    bf16 arithmetic may differ between kernels.
     ``dtype`` ("float32", "bfloat16", "float16") overrides the device default (bf16 or fp16 on
     GPUs, fp32 on CPUs); bf16 on a CPU with AMX is several times faster than fp32, with
     slightly different greedy answers.
@@ -118,7 +125,8 @@ def apply_instruction(
     _check_columns(df, input_col, key_col, output_col)
     struct = as_struct(schema) if schema is not None else None
     config = EngineConfig(engine=engine, token_budget=token_budget, max_batch_rows=max_batch_rows,
-                          min_length_ratio=min_length_ratio, strategy=strategy, dtype=dtype)
+                          min_length_ratio=min_length_ratio, strategy=strategy, dtype=dtype,
+                          gpu_memory_utilization=gpu_memory_utilization)
     request = build_request(
         resolve_model(model_uri, prompt_format), instruction if isinstance(instruction, str) else None,
         require_input=bool(input_col) and require_input, max_new_tokens=max_new_tokens, temperature=temperature,

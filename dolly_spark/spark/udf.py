@@ -27,6 +27,7 @@ RESULT_SCHEMA = StructType(
         StructField("truncated", BooleanType()),
         StructField("model_name", StringType()),
         StructField("model_version", StringType()),
+        StructField("engine", StringType()),
     ]
 )
 
@@ -39,6 +40,11 @@ PROMPT_COUNT_SCHEMA = StructType(
         StructField("error", StringType()),
     ]
 )
+
+
+# Result fields added after targets were first written: a target that lacks one gains it (null in
+# the rows written before) at its next MERGE (``incremental.merge_results``).
+ADDED_RESULT_FIELDS = ("engine",)
 
 
 def result_schema(choices: Sequence[str] | None = None, schema: str | StructType | None = None) -> StructType:
@@ -58,9 +64,9 @@ def task_gpu_index() -> int | None:
     return int(gpus.addresses[0])
 
 
-def results_frame(results, spec: ModelSpec, labels: bool = False) -> pd.DataFrame:
-    """The engine's results as a pandas frame shaped like RESULT_SCHEMA, with ``labels`` the
-    fields of ``structured.udf_fields`` after it."""
+def results_frame(results, spec: ModelSpec, engine_name: str, labels: bool = False) -> pd.DataFrame:
+    """The engine's results as a pandas frame shaped like RESULT_SCHEMA (``engine_name``: the
+    engine that gave them), with ``labels`` the fields of ``structured.udf_fields`` after it."""
     frame = pd.DataFrame(
         {
             "response": [r.response for r in results],
@@ -73,6 +79,7 @@ def results_frame(results, spec: ModelSpec, labels: bool = False) -> pd.DataFram
     )
     frame["model_name"] = spec.name
     frame["model_version"] = spec.version
+    frame["engine"] = engine_name
     if labels:
         frame["label"] = [r.label for r in results]
         frame["label_probability"] = [r.label_probability for r in results]
@@ -99,7 +106,7 @@ def instruction_udf(request: Request, config: EngineConfig):
                 # keeps the process must not hand the retry a model that may be what broke.
                 forget_model(request.model, config, gpu_index)
                 raise
-            yield results_frame(results, request.model, labels=bool(request.choices))
+            yield results_frame(results, request.model, engine.name, labels=bool(request.choices))
 
     return generate
 

@@ -45,8 +45,10 @@ def train_tiny_tokenizer(corpus: Iterable[str], vocab_size: int = 512, dolly_key
     return tokenizer
 
 
-def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, layers: int = 2, context_window: int = 512):
-    """A randomly initialised GPT-NeoX sized to ``tokenizer``'s vocabulary."""
+def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, layers: int = 2, context_window: int = 512,
+                     heads: int = 2):
+    """A randomly initialised GPT-NeoX sized to ``tokenizer``'s vocabulary, with ``heads``
+    attention heads: 2 by default, of 32 dimensions each, the least vLLM's CPU attention takes."""
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -55,7 +57,7 @@ def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, layers: in
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         num_hidden_layers=layers,
-        num_attention_heads=4,
+        num_attention_heads=heads,
         intermediate_size=hidden_size * 4,
         max_position_embeddings=context_window,
         eos_token_id=tokenizer.eos_token_id,
@@ -69,11 +71,12 @@ def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, layers: in
     return model
 
 
-def save_tiny_model(directory: Path, corpus: Iterable[str], seed: int = 0, dolly_keys: bool = True) -> Path:
+def save_tiny_model(directory: Path, corpus: Iterable[str], seed: int = 0, dolly_keys: bool = True,
+                    heads: int = 2) -> Path:
     """Build a tiny model and tokenizer and save them as a checkpoint in ``directory``; without
     ``dolly_keys``, a chat model that also stops at its end-of-turn token."""
     tokenizer = train_tiny_tokenizer(corpus, dolly_keys=dolly_keys)
-    model = build_tiny_model(tokenizer, seed=seed)
+    model = build_tiny_model(tokenizer, seed=seed, heads=heads)
     if not dolly_keys:
         model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
     directory.mkdir(parents=True, exist_ok=True)

@@ -126,6 +126,14 @@ def _length_grouped_batches(arguments_class) -> dict[str, Any]:
     return {"group_by_length": True} if "group_by_length" in fields else {}
 
 
+def _checkpointing(arguments_class, on: bool) -> dict[str, Any]:
+    """Activations recomputed in the backward pass instead of kept (on GPUs, for memory), under
+    the option's name in this transformers: ``activation_checkpointing`` in newer 5.x releases,
+    ``gradient_checkpointing`` in earlier ones (5.19, which vLLM 0.32 requires)."""
+    fields = getattr(arguments_class, "__dataclass_fields__", {})
+    return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": on}
+
+
 def _training_arguments(config: FinetuneConfig, output_dir: str, steps: int, has_eval: bool):
     from transformers import TrainingArguments
 
@@ -148,7 +156,7 @@ def _training_arguments(config: FinetuneConfig, output_dir: str, steps: int, has
         seed=config.seed,
         data_seed=config.seed,
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
-        activation_checkpointing=on_gpu,
+        **_checkpointing(TrainingArguments, on_gpu),
         dataloader_pin_memory=on_gpu,
         include_num_input_tokens_seen=True,
         disable_tqdm=True,

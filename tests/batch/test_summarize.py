@@ -71,6 +71,8 @@ def test_job_end_to_end_then_rerun_does_nothing(spark, registered_tiny):
     assert metrics["rows_read"] == 6 and metrics["rows_written"] == 6 and metrics["errors"] == 1
     assert metrics["generated_tokens"] == first.generated_tokens and metrics["tokens_per_second"] > 0
     assert metrics["wall_seconds"] > 0 and job_runs[-2].data.params["model_version"] == version
+    assert (metrics["rows_engine_hf"], metrics["rows_engine_vllm"]) == (6, 0)
+    assert job_runs[-2].data.tags["engines_used"] == "hf" and {row["engine"] for row in rows.values()} == {"hf"}
     assert job_runs[-1].data.metrics["rows_written"] == 0
 
 
@@ -121,6 +123,9 @@ def test_new_model_version_reprocesses_every_ticket(spark, registered_tiny, tiny
     name, _ = registered_tiny
     source = make_source(spark, "tickets_versions")
     run_summarize(spark, config_for(source, "summaries_versions", f"models:/{name}@champion"))
+    # As a target written before results named their engine: without that column.
+    written = spark.read.table("summaries_versions").drop("engine")
+    written.write.format("delta").mode("overwrite").option("overwriteSchema", "true").saveAsTable("summaries_versions")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     newer = log_and_register(build_tiny_model(tokenizer, seed=5), tokenizer, name, "dolly")
 
@@ -128,6 +133,8 @@ def test_new_model_version_reprocesses_every_ticket(spark, registered_tiny, tiny
     assert report.rows_pending == 6 and report.model_version == newer
     rows = one_row_per_ticket(spark, "summaries_versions")
     assert len(rows) == 6 and {row["model_version"] for row in rows.values()} == {newer}
+    # The target gained the column at this run's MERGE; "auto" ran the "hf" engine on this CPU.
+    assert {row["engine"] for row in rows.values()} == {"hf"} and report.rows_by_engine == {"hf": 6, "vllm": 0}
 
 
 @pytest.mark.slow
@@ -146,9 +153,9 @@ def test_one_registry_resolution_per_run_and_engine_settings_reprocess_nothing(s
     assert first.chunks >= 3 and first.rows_written == 6
     assert lookups == [(name, "champion")]  # once for the run, not once per chunk
 
-    # How rows are run is not what they answer: another token budget reprocesses nothing.
+    # How rows are run is not what they answer: another token budget or engine reprocesses nothing.
     table_version = delta_version(spark, "summaries_resolved_once")
-    again = run_summarize(spark, dataclasses.replace(config, token_budget=2048))
+    again = run_summarize(spark, dataclasses.replace(config, token_budget=2048, engine="hf"))
     assert (again.rows_pending, again.rows_written) == (0, 0)
     assert delta_version(spark, "summaries_resolved_once") == table_version
 

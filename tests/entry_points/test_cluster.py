@@ -1,6 +1,7 @@
 """The summarize job on a real Spark standalone cluster, submitted as the README says: executors
-in their own JVMs; then, in one run, a Python worker killed mid-task, an executor killed mid-run,
-and the model shipped from the driver for executors without registry access."""
+in their own JVMs; then, in one run on the "vllm" engine, a Python worker killed mid-task, an
+executor killed mid-run, and the model shipped from the driver for executors without registry
+access."""
 from __future__ import annotations
 
 import os
@@ -44,6 +45,11 @@ def executor_loads(cluster, app_id: str) -> list[str]:
     application ``app_id``."""
     return [line for stderr in cluster.root.glob(f"node*/work/{app_id}/*/stderr")
             for line in stderr.read_text(errors="replace").splitlines() if line.startswith("dolly_spark: loaded ")]
+
+
+def loading_pids(loads: set[str]) -> list[str]:
+    """The process id of each load line: a process that loaded twice appears twice."""
+    return [re.search(r"pid (\d+), load \d+ of this process\)$", line)[1] for line in loads]
 
 
 def python_workers(cluster) -> list[int]:
@@ -111,7 +117,7 @@ def test_summarize_job_runs_on_the_cluster_executors(cluster, seeded_home, undis
     assert downloads and all(count == 1 for count in downloads.values()), downloads
     assert all(len((ledger).read_text().splitlines()) == 1 for cache in downloads for ledger in cache.glob("*/downloads.log"))
     loads = set(executor_loads(cluster, undisturbed.app_id))  # an executor's log may repeat a line: each load is numbered
-    load_pids = [re.search(r"pid (\d+), load \d+ of this process\)$", line)[1] for line in loads]
+    load_pids = loading_pids(loads)
     assert load_pids and all(line.endswith(", load 1 of this process)") for line in loads), loads
     assert len(load_pids) == len(set(load_pids)), loads
     assert not (seeded_home / "model_cache").exists() or not any((seeded_home / "model_cache").iterdir())
@@ -119,14 +125,15 @@ def test_summarize_job_runs_on_the_cluster_executors(cluster, seeded_home, undis
 
 def test_a_killed_python_worker_and_a_killed_executor_lose_nothing_and_change_no_answer(
         spark, cluster, seeded_home, undisturbed, tmp_path):
-    """One run, chunked, loading the model from a shared directory, meets both faults: a Python
-    worker killed inside its task, then an executor killed after the first chunk was merged."""
+    """One run, chunked, on the "vllm" engine, loading the model from a shared directory, meets
+    both faults: a Python worker killed inside its task, then an executor killed after the first
+    chunk was merged. Its answers are the undisturbed run's, which the "hf" engine gave."""
     shared = tmp_path / "volume"
     caches_before = {path for cache in node_caches(cluster) for path in cache.iterdir()}
     workers_before = set(python_workers(cluster))  # none: executors belong to their application
     log = tmp_path / "job.log"
     command = (f"{SUMMARIZE.format(master=cluster.url)} --target-table summaries_faults --chunk-rows 20 "
-               f"--shared-model-dir {shared}")
+               f"--shared-model-dir {shared} --engine vllm")
     with background_command(command, seeded_home, log) as job:
         (worker, *_) = wait_for(lambda: sorted(set(python_workers(cluster)) - workers_before),
                                 "an executor forked a Python worker", job)
@@ -144,6 +151,17 @@ def test_a_killed_python_worker_and_a_killed_executor_lose_nothing_and_change_no
     assert executors[0] not in cluster.executor_pids()
     # One row per ticket, each the greedy answer the undisturbed run gave.
     assert one_row_per_ticket(spark, seeded_home, "summaries_faults") == undisturbed.answers
+    engines = read_delta(spark, seeded_home, "summaries_faults").groupBy("engine").count().collect()
+    assert {row["engine"]: row["count"] for row in engines} == {"vllm": SAMPLE_TICKETS}
+    # One vLLM engine per Python worker: each worker that loaded, loaded once.
+    (faults,) = [app for app in cluster.status()["completedapps"] if app["id"] != undisturbed.app_id]
+    executor_stderr = "".join(path.read_text(errors="replace") for path in
+                              cluster.root.glob(f"node*/work/{faults['id']}/*/stderr"))
+    assert "Error parsing config" not in executor_stderr  # vLLM finds the registered model's config beside its tokenizer
+    loads = set(executor_loads(cluster, faults["id"]))
+    assert loads and all(" with engine vllm on cpu " in line for line in loads), loads
+    load_pids = loading_pids(loads)
+    assert len(load_pids) == len(set(load_pids)), loads
 
     # The driver downloaded once into the shared directory, and the executors (the replacement
     # too) loaded from it, downloading nothing to their nodes.

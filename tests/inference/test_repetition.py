@@ -9,7 +9,7 @@ from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsPr
 from engine_helpers import bound_engine
 
 from dolly_spark.request import Request
-from dolly_spark.inference.repetition import RepetitionControl
+from dolly_spark.inference.repetition import RepetitionControl, penalized_scores
 from test_engine import LENGTHS_CONTEXTS, LENGTHS_INSTRUCTIONS
 
 VOCAB = 50
@@ -108,3 +108,23 @@ def test_a_checkpoints_own_repetition_settings_do_not_leak_in(tiny_model):
     finally:
         model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = shipped
     assert answers == expected
+
+
+@pytest.mark.parametrize("penalty,ngram", [(1.3, 0), (1.0, 3), (1.2, 2), (1.0, 1), (1.5, 4)])
+def test_one_rows_rules_for_vllm_are_the_batched_rules(penalty, ngram):
+    """``penalized_scores`` (what the vllm engine's logits processor applies to one row and its
+    answer so far) gives what ``RepetitionControl`` gives that row in a batch, step by step."""
+    generator = torch.Generator().manual_seed(1)
+    answer = [5, 3, 4, 5, 3, 4, 5, 9]
+    control = RepetitionControl(1, 2, penalty, ngram)
+    for step in range(len(answer) + 1):
+        scores = torch.randn((1, VOCAB), generator=generator)
+        batched = control(torch.tensor([[1, 2] + answer[:step]]), scores.clone())
+        assert torch.equal(penalized_scores(scores[0].clone(), answer[:step], penalty, ngram), batched[0]), step
+
+
+def test_one_row_left_only_banned_tokens_keeps_them():
+    scores = torch.full((VOCAB,), float("-inf"))
+    scores[5] = 1.0  # a grammar allowed only 5, which would repeat the bigram "4 5"
+    out = penalized_scores(scores, [4, 5, 4], 1.0, 2)
+    assert out[5] == 1.0 and torch.isinf(out).sum() == VOCAB - 1

@@ -234,3 +234,27 @@ def test_each_python_worker_loads_once_and_a_broken_model_fails_the_task_which_s
     assert report["jobs"] == ["FAILED"]
     assert report["failed_task_attempts"] == 2  # the task failed, was retried, and failed again
     assert len(loads(broken_part, broken_checkpoint)) == 2  # each attempt loaded the model afresh
+
+
+@pytest.mark.slow
+def test_the_vllm_engine_answers_each_row_as_the_hf_engine(spark, tickets, project_home):
+    """engine="vllm" through Spark on the demo model (Llama, which vLLM runs with its own model
+    code: a GPT-NeoX would rewire transformers' classes in the session's reused Python workers):
+    the same greedy answers and errors as engine="hf", each row naming its engine."""
+    from dolly_spark.batch.demo import demo_checkpoint
+
+    settings = dict(input_col="body", key_col="ticket_id", model_uri=str(demo_checkpoint()), max_new_tokens=12,
+                    dtype="float32")
+    one_task = tickets.coalesce(1)  # one Python worker loads vLLM
+    answers = {}
+    for engine in ("hf", "vllm"):
+        rows = apply_instruction(one_task, INSTRUCTION, engine=engine, **settings).collect()
+        answers[engine] = {row["ticket_id"]: row["response"].asDict() for row in rows}
+    assert {result["engine"] for result in answers["vllm"].values()} == {"vllm"}
+    assert {result["engine"] for result in answers["hf"].values()} == {"hf"}
+    for ticket, _ in TICKETS:
+        ours, theirs = dict(answers["vllm"][ticket]), dict(answers["hf"][ticket])
+        ours.pop("engine"), theirs.pop("engine")
+        assert ours == theirs, ticket
+    assert sum(result["completion_tokens"] for result in answers["vllm"].values()) > 0
+    assert answers["vllm"]["t2"]["finish_reason"] == "error"
