@@ -174,9 +174,12 @@ def _load(model_key: tuple, config: EngineConfig, cache_root: str | None):
     # whether one process loaded twice.
     global _process_loads
     _process_loads += 1
-    print(f"dolly_spark: loaded {spec.name} version {spec.version} with engine {config.engine} on {engine.device} "
-          f"in {time.perf_counter() - started:.1f}s (host {socket.gethostname()}, pid {os.getpid()}, "
-          f"load {_process_loads} of this process)", file=sys.stderr, flush=True)
+    # One write, line and newline together: print writes them apart, and a thread of the engine
+    # (vLLM logs from its own) could land its line in between, leaving this one unterminated.
+    sys.stderr.write(f"dolly_spark: loaded {spec.name} version {spec.version} with engine {config.engine} on "
+                     f"{engine.device} in {time.perf_counter() - started:.1f}s (host {socket.gethostname()}, "
+                     f"pid {os.getpid()}, load {_process_loads} of this process)\n")
+    sys.stderr.flush()
     return engine
 
 
