@@ -152,17 +152,17 @@ class InstructionEngine:
         ones ``run``'s results carry, so a dry run's token total is the real run's."""
         prepared = self.prepare(request)
         columns = _columns(rows)
-        labels = (_encoded_results(*self._encode(prepared.choice_encoder, _choice_rewrite(request), request, *columns))
-                  if prepared.scorer else None)
-        answers = (_encoded_results(*self._encode(prepared.encoder, _schema_rewrite(request), request, *columns))
+        labels = (_encoded_results(*self.encode_rows(prepared.choice_encoder, choice_rewrite(request), request,
+                                                     *columns)) if prepared.scorer else None)
+        answers = (_encoded_results(*self.encode_rows(prepared.encoder, schema_rewrite(request), request, *columns))
                    if request.generates else None)
         return _combined(labels, answers)
 
     def _answer(self, prepared: PreparedRequest, instructions: list[Any], contexts: list[Any],
                 keys: list[Any]) -> list[InstructionResult]:
         """Every row generated (under the schema's instruction with ``json_schema``)."""
-        results, encoded = self._encode(prepared.encoder, _schema_rewrite(prepared.request), prepared.request,
-                                        instructions, contexts, keys)
+        results, encoded = self.encode_rows(prepared.encoder, schema_rewrite(prepared.request), prepared.request,
+                                            instructions, contexts, keys)
         for batch in self.micro_batches(encoded, prepared.request):
             generate = lambda rows: self._generate_batch(prepared, rows)  # noqa: E731
             for row, result in zip(batch, self._run_or_split(batch, generate)):
@@ -173,8 +173,8 @@ class InstructionEngine:
                   keys: list[Any]) -> list[InstructionResult]:
         """Every row scored against ``choices`` under the choice instruction."""
         choices = prepared.request.choices
-        results, encoded = self._encode(prepared.choice_encoder, _choice_rewrite(prepared.request), prepared.request,
-                                        instructions, contexts, keys)
+        results, encoded = self.encode_rows(prepared.choice_encoder, choice_rewrite(prepared.request),
+                                            prepared.request, instructions, contexts, keys)
         plan = choice_batches([len(row.ids) for row in encoded], self.config.token_budget, len(choices),
                               prepared.scorer.longest_choice, self.config.max_batch_rows)
         for batch in [[encoded[i] for i in rows] for rows in plan]:
@@ -184,9 +184,9 @@ class InstructionEngine:
         return results  # type: ignore[return-value]
 
     @staticmethod
-    def _encode(encoder: PromptEncoder, rewrite: Callable[[str], str] | None, request: Request,
-                instructions: list[Any], contexts: list[Any], keys: list[Any],
-                ) -> tuple[list[InstructionResult | None], list[EncodedRow]]:
+    def encode_rows(encoder: PromptEncoder, rewrite: Callable[[str], str] | None, request: Request,
+                    instructions: list[Any], contexts: list[Any], keys: list[Any],
+                    ) -> tuple[list[InstructionResult | None], list[EncodedRow]]:
         """The error results of rows refused before the model runs, and the other rows encoded;
         ``rewrite`` extends each real instruction (a null or blank one is refused as it is)."""
         results: list[InstructionResult | None] = [None] * len(instructions)
@@ -300,13 +300,13 @@ def _columns(rows: Rows) -> tuple[list[Any], list[Any], list[Any]]:
     return instructions, contexts, keys
 
 
-def _schema_rewrite(request: Request) -> Callable[[str], str] | None:
+def schema_rewrite(request: Request) -> Callable[[str], str] | None:
     """How a generated row's instruction is extended: with the schema's, under ``json_schema``."""
     schema = request.json_schema
     return (lambda text: schema_instruction(text, schema)) if schema is not None else None
 
 
-def _choice_rewrite(request: Request) -> Callable[[str], str]:
+def choice_rewrite(request: Request) -> Callable[[str], str]:
     """A scored row's instruction, extended with the list of ``choices``."""
     return lambda text: choice_instruction(text, request.choices)
 

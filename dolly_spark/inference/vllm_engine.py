@@ -32,7 +32,7 @@ from typing import Any
 from dolly_spark.inference.choices import choice_results
 from dolly_spark.inference.devices import select_device, select_dtype
 from dolly_spark.inference.encoder import EncodedRow
-from dolly_spark.inference.engine import InstructionEngine, _choice_rewrite, _schema_rewrite, run_rows
+from dolly_spark.inference.engine import InstructionEngine, choice_rewrite, schema_rewrite, run_rows
 from dolly_spark.inference.engines import EngineConfig, Rows
 from dolly_spark.inference.prepared import PreparedRequest
 from dolly_spark.inference.repetition import REPETITION_ARG
@@ -123,8 +123,8 @@ class VllmEngine:
     def _answer(self, prepared: PreparedRequest, instructions: list[Any], contexts: list[Any],
                 keys: list[Any]) -> list[InstructionResult]:
         request = prepared.request
-        results, encoded = self.encoding._encode(prepared.encoder, _schema_rewrite(request), request,
-                                                 instructions, contexts, keys)
+        results, encoded = self.encoding.encode_rows(prepared.encoder, schema_rewrite(request), request,
+                                                     instructions, contexts, keys)
         if encoded:
             outputs = self._generate([row.ids for row in encoded], [self._sampling(request, row) for row in encoded])
             parser = self.encoding.parser
@@ -155,8 +155,8 @@ class VllmEngine:
         from vllm import SamplingParams
 
         request = prepared.request
-        results, encoded = self.encoding._encode(prepared.choice_encoder, _choice_rewrite(request), request,
-                                                 instructions, contexts, keys)
+        results, encoded = self.encoding.encode_rows(prepared.choice_encoder, choice_rewrite(request), request,
+                                                     instructions, contexts, keys)
         if not encoded:
             return results  # type: ignore[return-value]
         choice_ids = prepared.scorer.choice_ids
