@@ -156,9 +156,9 @@ def with_tracking(staged: DataFrame) -> DataFrame:
 
 def chunk_totals(staged: DataFrame, target: DataFrame | None, id_col: str, max_attempts: int) -> dict[str, int]:
     """What a chunk about to be merged holds, in one Spark job: rows, errors, prompt and completion
-    tokens, rows answered by each engine (``rows_engine_<name>``); how many rows retry a failed request (``retried``), how many of those now succeed
-    (``recovered``), and how many failures reach ``max_attempts`` with this one or cannot pass on
-    a retry (``given_up``)."""
+    tokens, rows answered by each engine (``rows_engine_<name>``); how many rows retry a failed
+    request (``retried``), how many of those now succeed (``recovered``), and how many failures
+    reach ``max_attempts`` with this one or cannot pass on a retry (``given_up``)."""
     if target is None:
         joined = staged.select("*", F.lit(None).cast("string").alias("prev_key"),
                                F.lit(None).cast("int").alias("prev_attempts"), F.lit(None).cast("string").alias("prev_error"))

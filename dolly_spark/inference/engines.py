@@ -33,9 +33,9 @@ class EngineConfig:
 
     ``engine`` names an entry of ``ENGINES``, or is "auto": vLLM where the model loads on a
     CUDA device and vLLM is installed, the "hf" engine otherwise (``resolve_engine``; decided on
-    each executor, whose GPUs the driver may not have). ``token_budget`` bounds each micro-batch: rows ×
-    (longest prompt + max_new_tokens), the tokens its KV cache holds at the end; a prompt never
-    exceeds it either. ``max_batch_rows`` caps a micro-batch's rows. Within a micro-batch,
+    each executor, whose GPUs the driver may not have). ``token_budget`` bounds each
+    micro-batch: rows × (longest prompt + max_new_tokens), the tokens its KV cache holds at the
+    end; a prompt never exceeds it either. ``max_batch_rows`` caps a micro-batch's rows. Within a micro-batch,
     prompts are prefilled in groups of similar length: a row shorter than ``min_length_ratio``
     of its group's longest prompt starts a new group (0 prefills the micro-batch as one group).
     ``strategy``: "static" (the preallocated cache) or "continuous" (transformers'
@@ -105,8 +105,9 @@ class Engine(Protocol):
 
 def resolve_engine(name: str) -> str:
     """The engine "auto" stands for here: "vllm" when this process sees a CUDA device and can
-    import vLLM (on GPUs vLLM is many times faster), "hf" otherwise (on CPUs ours is faster and
-    gives the same answers). Any other name is itself."""
+    import vLLM (on GPUs vLLM is many times faster), "hf" otherwise (on CPUs ours loads in
+    seconds and gives the same answers; benchmarks/README.md compares their speed there). Any
+    other name is itself."""
     if name != AUTO:
         return name
     import os
