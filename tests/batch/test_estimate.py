@@ -13,7 +13,7 @@ from dolly_spark.batch import staging
 from dolly_spark.batch.estimate import DRY_RUN_JOB, BudgetExceededError
 from dolly_spark.batch.summarize import dry_run, run_summarize
 from dolly_spark.spark.tables import delta_version
-from test_summarize import config_for, make_source, one_row_per_ticket
+from summarize_helpers import config_for, make_source, one_row_per_ticket
 
 
 def last_run(job: str):

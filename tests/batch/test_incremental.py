@@ -8,7 +8,7 @@ import pytest
 
 from dolly_spark.batch.summarize import run_summarize
 from dolly_spark.spark.tables import delta_version
-from test_summarize import config_for, make_source, one_row_per_ticket
+from summarize_helpers import config_for, make_source, one_row_per_ticket
 
 pytestmark = pytest.mark.slow
 

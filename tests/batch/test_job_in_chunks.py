@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from dolly_spark.spark.sessions import tasks_per_wave
 from dolly_spark.batch.summarize import run_summarize
 from dolly_spark.testing.table_scans import TableScans
-from test_summarize import config_for, one_row_per_ticket
+from summarize_helpers import config_for, one_row_per_ticket
 
 TICKETS = 60
 

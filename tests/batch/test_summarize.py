@@ -13,33 +13,7 @@ from dolly_spark.batch import summarize
 from dolly_spark.batch.summarize import SummarizeConfig, run_summarize
 from dolly_spark.spark.tables import delta_version
 
-TICKETS = [
-    ("T-1", "HearthLink", "My thermostat shows E42 every morning."),
-    ("T-2", "PayDesk", "I was charged twice for March, please refund one charge."),
-    ("T-3", "PulseBuds", None),
-    ("T-4", "Taskory", "Due dates move by a day when I drag cards. " * 10),
-    ("T-5", "MeshWave", "Router drops Wi-Fi every evening at 8pm."),
-    ("T-6", "Lumina", "Where did my photo albums go after the update?"),
-    (None, "Lumina", "A ticket without an id cannot be keyed."),
-]
-
-
-def make_source(spark, table: str) -> str:
-    spark.createDataFrame(TICKETS, "ticket_id STRING, product STRING, body STRING") \
-        .write.format("delta").mode("overwrite").saveAsTable(table)
-    return table
-
-
-def config_for(source: str, target: str, model: str, **overrides) -> SummarizeConfig:
-    settings = {"max_new_tokens": 6, "partitions": 2, "experiment": "tests", **overrides}
-    return SummarizeConfig(source_table=source, target_table=target, model_uri=model, **settings)
-
-
-def one_row_per_ticket(spark, target: str) -> dict[str, dict]:
-    rows = spark.read.table(target).collect()
-    ids = [row["ticket_id"] for row in rows]
-    assert len(ids) == len(set(ids)), f"duplicate ticket ids in {target}: {ids}"
-    return {row["ticket_id"]: row.asDict() for row in rows}
+from summarize_helpers import config_for, make_source, one_row_per_ticket
 
 
 @pytest.mark.slow

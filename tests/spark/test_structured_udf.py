@@ -133,7 +133,7 @@ def test_the_triage_job_merges_typed_results_and_reruns_only_what_changed(spark,
 
     from dolly_spark.batch.summarize import run_summarize
     from dolly_spark.spark.tables import delta_version
-    from test_summarize import config_for, make_source, one_row_per_ticket
+    from summarize_helpers import config_for, make_source, one_row_per_ticket
 
     name, _ = registered_tiny
     source = make_source(spark, "tickets_triage")
