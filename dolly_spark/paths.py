@@ -2,7 +2,9 @@
 
 The project home holds the embedded defaults: the Spark warehouse and metastore, the MLflow
 SQLite database and artifacts, and the per-node model cache. It defaults to `.dolly_spark/`
-in the working directory; set ``DOLLY_SPARK_HOME`` to put it elsewhere.
+in the working directory; set ``DOLLY_SPARK_HOME`` to put it elsewhere. What is derived from
+installed packages alone (the demo model converted from its GGUF file) is kept once per machine,
+in the user's cache directory, for every project home.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 HOME_ENV_VAR = "DOLLY_SPARK_HOME"
 MODEL_CACHE_ENV_VAR = "DOLLY_SPARK_MODEL_CACHE"
+USER_CACHE_ENV_VAR = "DOLLY_SPARK_USER_CACHE"
 
 
 def project_home() -> Path:
@@ -20,6 +23,16 @@ def project_home() -> Path:
     home = Path(os.environ.get(HOME_ENV_VAR) or ".dolly_spark").expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
     return home
+
+
+def user_cache_dir() -> Path:
+    """The machine's cache of what every project home can share: ``$DOLLY_SPARK_USER_CACHE``,
+    else ``dolly_spark`` under ``$XDG_CACHE_HOME`` (``~/.cache``). Created if missing."""
+    configured = os.environ.get(USER_CACHE_ENV_VAR)
+    root = Path(configured) if configured else Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "dolly_spark"
+    cache = root.expanduser().resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache
 
 
 def model_cache_dir() -> Path:

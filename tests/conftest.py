@@ -26,6 +26,9 @@ def project_home(tmp_path_factory) -> Path:
     """One project home for the whole session: the Spark warehouse, metastore and model cache."""
     home = tmp_path_factory.mktemp("dolly_spark_home")
     os.environ["DOLLY_SPARK_HOME"] = str(home)
+    # A user cache of the session's own, shared with the commands it runs: the demo model is
+    # converted from its GGUF file once per test run, never taken from an earlier one.
+    os.environ["DOLLY_SPARK_USER_CACHE"] = str(tmp_path_factory.mktemp("user_cache"))
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     return home
 

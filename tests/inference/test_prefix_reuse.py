@@ -45,11 +45,13 @@ def test_greedy_answers_are_identical_with_prefix_reuse_on_and_off(model_and_tok
 
 @pytest.mark.slow
 def test_demo_model_answers_are_identical_with_prefix_reuse_on_and_off():
-    from dolly_spark.batch.demo import load_demo_from_gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # Straight from the installed GGUF file: nothing is written to a project home.
-    model, tokenizer = load_demo_from_gguf()
-    model_and_tokenizer = (model.eval(), tokenizer)
+    from dolly_spark.batch.demo import demo_checkpoint
+
+    checkpoint = demo_checkpoint()  # converted once per test run, in the session's user cache
+    model_and_tokenizer = (AutoModelForCausalLM.from_pretrained(checkpoint).eval(),
+                           AutoTokenizer.from_pretrained(checkpoint))
     tickets = TICKETS[:6]  # a 135M model: six tickets of different lengths are enough, and quick
     reused, with_reuse = answers(model_and_tokenizer, "chat", LONG_INSTRUCTION, True, tickets, max_new_tokens=12)
     _, without = answers(model_and_tokenizer, "chat", LONG_INSTRUCTION, False, tickets, max_new_tokens=12)
