@@ -11,7 +11,6 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -95,8 +94,8 @@ def demo_checkpoint() -> Path:
         if (target / "config.json").exists():
             return target
         model, tokenizer = load_demo_from_gguf()
-        staging = target.with_name(f"{target.name}.partial-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = target.with_name(f"{target.name}.partial")
+        shutil.rmtree(staging, ignore_errors=True)  # what a conversion killed midway left
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         staging.rename(target)
