@@ -140,7 +140,10 @@ def acquire(spark: SparkSession, target: str, owner: dict, stale_after: timedelt
 
 def _create(spark: SparkSession, table: str) -> None:
     try:
-        spark.sql(f"CREATE TABLE IF NOT EXISTS {table} ({CLAIM_SCHEMA}) USING delta")
+        # Partitioned by claim: a run releases its claim by dropping its partition's file from
+        # the log, with no scan or rewrite (about half the time of a DELETE that reads the row).
+        # A table created unpartitioned by an earlier version works the same, only slower.
+        spark.sql(f"CREATE TABLE IF NOT EXISTS {table} ({CLAIM_SCHEMA}) USING delta PARTITIONED BY (claim_id)")
     except Exception:  # noqa: BLE001 - py4j wraps Delta's and the catalog's exceptions
         # Two runs creating it at once: one of them fails (a protocol change or "already
         # exists"), and the table is there for both.
