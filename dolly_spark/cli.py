@@ -22,10 +22,11 @@ DEMO_FLAGS = ["--max-new-tokens", "48"]
 
 
 def _start_job(config_cls, argv: Sequence[str] | None, prog: str, description: str):
-    """Parse the job's config (defaults < YAML < flags), set up logging and MLflow; return the config."""
+    """Parse the job's config (defaults < YAML < flags), set up logging and MLflow; return the config.
+    Parsed first: ``--help`` and a bad flag are answered before MLflow is imported."""
+    config = load_config(config_cls, argv, prog, description)
     from dolly_spark.lifecycle.tracking import configure_mlflow
 
-    config = load_config(config_cls, argv, prog, description)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("py4j", "urllib3", "alembic", "mlflow.store", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -88,10 +89,12 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
 
 def finetune_main(argv: Sequence[str] | None = None) -> int:
     """spark-submit jobs/finetune.py: fine-tune, register a new version, alias it challenger."""
-    from dolly_spark.training.finetune import FinetuneConfig, run_finetune
+    from dolly_spark.training.configs import FinetuneConfig
 
     config = _start_job(FinetuneConfig, argv, "finetune",
                         "Fine-tune an instruction model Dolly-style and register it as a new version.")
+    from dolly_spark.training.finetune import run_finetune
+
     report = run_finetune(config)
     print(f"registered {report.model_name} version {report.version} as @{config.alias} "
           f"({report.train_records} train / {report.eval_records} eval examples, skipped {report.skipped}, "
@@ -108,10 +111,12 @@ def finetune_main(argv: Sequence[str] | None = None) -> int:
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """spark-submit jobs/evaluate_and_promote.py: score challenger vs champion, promote on a win."""
-    from dolly_spark.training.evaluate import EvaluateConfig, run_evaluate_and_promote
+    from dolly_spark.training.configs import EvaluateConfig
 
     config = _start_job(EvaluateConfig, argv, "evaluate_and_promote",
                         "Evaluate the challenger against the champion and promote it when it wins.")
+    from dolly_spark.training.evaluate import run_evaluate_and_promote
+
     report = run_evaluate_and_promote(config)
     champion = f"v{report.champion_version} {config.metric}={report.champion_score:.4f}" if report.champion_score is not None else "none"
     base = f"{config.metric}={report.base_score:.4f}" if report.base_score is not None else "not compared"

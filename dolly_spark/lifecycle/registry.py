@@ -15,11 +15,11 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from dolly_spark.lifecycle.aliases import CHALLENGER, CHAMPION  # noqa: F401 - re-exported
 from dolly_spark.request import REGISTERED_DEFAULTS, ModelSpec
 
 log = logging.getLogger(__name__)
 
-CHAMPION, CHALLENGER = "champion", "challenger"
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))?/?$")
 
 

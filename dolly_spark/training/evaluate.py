@@ -14,27 +14,13 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from dolly_spark.job_config import option
 from dolly_spark.lifecycle.registry import CHALLENGER, CHAMPION, alias_version, set_alias
 from dolly_spark.training.base_model import load_base_model
+from dolly_spark.training.configs import EvaluateConfig
 from dolly_spark.training.data import load_records, stratified_split, validate_records
 from dolly_spark.training.model_scoring import category_chart, flat_metrics, score_model
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvaluateConfig:
-    model_name: str = option("support_dolly", "registered model whose challenger is evaluated")
-    eval_data: str = option("databricks/databricks-dolly-15k", "Delta table name or JSONL path of held-out records")
-    eval_fraction: float = option(0.1, "share of each category held out (must match the fine-tune's; 1.0: all records)")
-    seed: int = option(42, "seed of the split (must match the fine-tune's)")
-    max_eval_records: int = option(64, "held-out records generated on")
-    max_new_tokens: int = option(128, "longest generated answer")
-    max_length: int = option(1024, "longest example in tokens for the eval loss")
-    metric: str = option("rouge_l", "overall score compared: rouge_l or exact_match")
-    margin: float = option(0.0, "how much higher the challenger's score must be to become champion")
-    experiment: str = option("dolly_spark", "MLflow experiment of the evaluation run")
 
 
 @dataclass

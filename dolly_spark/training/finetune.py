@@ -24,48 +24,17 @@ import mlflow
 import torch
 from transformers import TrainerCallback
 
-from dolly_spark.job_config import option
 from dolly_spark.prompts import DOLLY_SPECIAL_TOKENS, get_format, stop_token_ids
-from dolly_spark.lifecycle.registry import CHALLENGER, log_and_register
+from dolly_spark.lifecycle.registry import log_and_register
 from dolly_spark.request import REGISTERED_DEFAULTS, in_effect
 from dolly_spark.training.data import load_records, stratified_split, validate_records
 from dolly_spark.training.examples import encode_examples
 from dolly_spark.training.base_model import load_base_model
+from dolly_spark.training.configs import FinetuneConfig
 from dolly_spark.training.model_scoring import category_chart, flat_metrics, gain_metrics, score_model
 from dolly_spark.training.tokens import prepare_tokens, training_format
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FinetuneConfig:
-    base_model: str = option("databricks/dolly-v2-3b", "hub id, local checkpoint or models:/ URI to start from")
-    train_data: str = option("databricks/databricks-dolly-15k", "Delta table name or JSONL path of dolly-15k style records")
-    model_name: str = option("support_dolly", "registered model name the result becomes a new version of")
-    prompt_format: str = option("auto", "format trained in: dolly, chat, or auto (chat when the base answers in "
-                                        "its chat template, else dolly)")
-    epochs: float = option(3.0, "passes over the training records (Dolly used 2-3)")
-    max_steps: int = option(0, "optimizer steps to train for, overriding epochs (0: the epochs decide)")
-    learning_rate: float = option(1e-5, "peak learning rate (cosine decay after warm-up)")
-    warmup_fraction: float = option(0.05, "share of steps spent warming up the learning rate")
-    batch_size: int = option(8, "examples per device per step")
-    gradient_accumulation: int = option(1, "steps whose gradients are summed before an update")
-    max_length: int = option(1024, "longest example in tokens; longer ones are dropped and counted")
-    eval_fraction: float = option(0.1, "share of each category held out for evaluation")
-    eval_steps: int = option(50, "evaluate the held-out loss every this many steps")
-    max_eval_records: int = option(64, "held-out records generated on for ROUGE-L (generation is slow)")
-    eval_max_new_tokens: int = option(128, "longest generated answer when scoring")
-    repetition_penalty: float | None = option(None, "repetition control the base and the tuned model are scored "
-                                              "with, and the new version is registered with (1.0: off); default: "
-                                              "the base version's registered value")
-    no_repeat_ngram_size: int | None = option(None, "no n-gram of this size twice in an answer, when scoring and "
-                                              "in the new version (0: off); default: the base version's")
-    evaluate: bool = option(True, "score the base and the tuned model on the held-out split")
-    lora: bool = option(False, "train LoRA adapters (merged into the model before registration)")
-    lora_rank: int = option(16, "LoRA rank")
-    seed: int = option(42, "seed of the split, the initialisation and the data order")
-    experiment: str = option("dolly_spark", "MLflow experiment of the fine-tune run")
-    alias: str = option(CHALLENGER, "alias the new version gets")
 
 
 @dataclass

@@ -87,8 +87,7 @@ def test_a_second_run_on_a_busy_target_fails_fast_naming_the_first(spark, regist
     assert first["report"].rows_written == 6
     rows = one_row_per_ticket(spark, "summaries_concurrent")  # asserts one row per ticket
     assert sorted(rows) == ["T-1", "T-2", "T-3", "T-4", "T-5", "T-6"]
-    assert spark.read.table("summaries_concurrent__claim").count() == 0  # released
-    assert run_summarize(spark, config).rows_pending == 0  # the target is free again
+    assert spark.read.table("summaries_concurrent__claim").count() == 0  # released: the target is free again
 
 
 def test_a_dead_runs_stale_claim_is_taken_over(spark, registered_tiny):

@@ -61,7 +61,7 @@ def test_crash_mid_run_then_rerun_leaves_one_row_per_ticket(spark, registered_ti
     name, _ = registered_tiny
     source = make_source(spark, "tickets_crash")
     # One attempt, so a ticket that landed with an error (T-3 has no text) is not retried.
-    config = config_for(source, "summaries_crash", f"models:/{name}@champion", chunk_rows=2, max_attempts=1)
+    config = config_for(source, "summaries_crash", f"models:/{name}@champion", chunk_rows=3, max_attempts=1)
     real_merge, merges = summarize.merge_results, []
 
     def merge_then_crash(*args, **kwargs):
@@ -122,9 +122,9 @@ def test_one_registry_resolution_per_run_and_engine_settings_reprocess_nothing(s
         return real_lookup(client, *args, **kwargs)
 
     monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", counted_lookup)
-    config = config_for(source, "summaries_resolved_once", f"models:/{name}@champion", chunk_rows=2, max_attempts=1)
+    config = config_for(source, "summaries_resolved_once", f"models:/{name}@champion", chunk_rows=3, max_attempts=1)
     first = run_summarize(spark, config)
-    assert first.chunks >= 3 and first.rows_written == 6
+    assert first.chunks == 2 and first.rows_written == 6
     assert lookups == [(name, "champion")]  # once for the run, not once per chunk
 
     # How rows are run is not what they answer: another token budget or engine reprocesses nothing.

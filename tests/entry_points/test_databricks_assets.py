@@ -259,3 +259,25 @@ def test_job_script_help(script: str, flags: list[str]):
     text = _help_of(script)
     missing = [flag for flag in flags if flag not in text]
     assert not missing, f"jobs/{script} --help does not mention {missing}"
+
+
+HELP_PROBE = """
+import sys
+from dolly_spark.cli import COMMANDS
+try:
+    COMMANDS[sys.argv[1]](["--help"])
+except SystemExit:
+    pass
+print("imported:", sorted(name for name in ("mlflow", "torch", "transformers") if name in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("command", ["finetune", "evaluate"])
+def test_a_training_jobs_help_imports_no_model_or_tracking_library(command: str):
+    """`--help` (and a bad flag) answer at once: the job imports torch, transformers and MLflow
+    after its flags are parsed."""
+    result = subprocess.run([sys.executable, "-c", HELP_PROBE, command], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--max-eval-records" in result.stdout
+    assert result.stdout.strip().endswith("imported: []"), result.stdout[-500:]
