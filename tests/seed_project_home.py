@@ -14,12 +14,20 @@ from dolly_spark.lifecycle.registry import CHAMPION, log_and_register
 from dolly_spark.spark.sessions import get_spark
 from dolly_spark.lifecycle.tracking import configure_mlflow
 
+
+
+def register_champion(model_dir: str) -> str:
+    """Register the checkpoint in ``model_dir`` as ``support_dolly`` (Dolly format), alias
+    champion, in the current MLflow registry; return its version."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return log_and_register(model, tokenizer, "support_dolly", "dolly", alias=CHAMPION)
+
+
 if __name__ == "__main__":
     model_dir = sys.argv[1]
     configure_mlflow("dolly_spark")
     spark = get_spark("seed-project-home", master="local[1]", ui=False)
     ensure_sample_tickets_table(spark, "support_tickets")
     spark.stop()
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    log_and_register(model, tokenizer, "support_dolly", "dolly", alias=CHAMPION)
+    register_champion(model_dir)

@@ -64,8 +64,9 @@ def python_workers(cluster) -> list[int]:
     return workers
 
 
-def one_row_per_ticket(spark, home: Path, table: str) -> dict[str, str]:
-    rows = read_delta(spark, home, table).select("ticket_id", "response", "error").collect()
+def one_answer_per_ticket(results) -> dict[str, str]:
+    """Ticket id -> response of a results table (a DataFrame), which must hold each sample ticket once."""
+    rows = results.select("ticket_id", "response").collect()
     ids = [row["ticket_id"] for row in rows]
     assert len(ids) == len(set(ids)) == SAMPLE_TICKETS, f"{len(ids)} rows, {len(set(ids))} distinct ids"
     return {row["ticket_id"]: row["response"] for row in rows}
@@ -88,22 +89,18 @@ def wait_for(condition, what: str, process, timeout: float = 600):
 def reference_answers(spark, mlflow_registry, tiny_model_dir, seeded_home) -> dict[str, str]:
     """The summarize job's answers on the embedded default, run in this process with the "hf"
     engine: the same config file, tickets and checkpoint the cluster run is given."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from dolly_spark.batch.summarize import SummarizeConfig, run_summarize
     from dolly_spark.job_config import load_config
-    from dolly_spark.lifecycle.registry import CHAMPION, log_and_register
+    from seed_project_home import register_champion
 
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
-    version = log_and_register(model, tokenizer, "support_dolly", "dolly", alias=CHAMPION)  # as the home was seeded
+    version = register_champion(tiny_model_dir)  # in this module's registry, as the home was seeded
     read_delta(spark, seeded_home, "support_tickets").write.format("delta").saveAsTable("cluster_reference_tickets")
     config = load_config(SummarizeConfig, [
         "--config", str(REPO / "conf" / "summarize_tickets.yaml"), "--source-table", "cluster_reference_tickets",
         "--target-table", "cluster_reference", "--model-uri", f"models:/support_dolly/{version}", "--engine", "hf"],
         "summarize_tickets", "the reference run")
     assert run_summarize(spark, config).rows_written == SAMPLE_TICKETS
-    rows = spark.read.table("cluster_reference").select("ticket_id", "response").collect()
-    return {row["ticket_id"]: row["response"] for row in rows}
+    return one_answer_per_ticket(spark.read.table("cluster_reference"))
 
 
 def test_a_run_on_the_cluster_survives_a_killed_python_worker_and_a_killed_executor(
@@ -136,7 +133,7 @@ def test_a_run_on_the_cluster_survives_a_killed_python_worker_and_a_killed_execu
     assert app["name"] == "summarize_tickets.py", app
 
     # One row per ticket, each the greedy answer of the reference run.
-    answers = one_row_per_ticket(spark, seeded_home, "cluster_summaries")
+    answers = one_answer_per_ticket(read_delta(spark, seeded_home, "cluster_summaries"))
     assert answers == reference_answers
     assert sum(1 for text in answers.values() if text) >= SAMPLE_TICKETS - 1
     engines = read_delta(spark, seeded_home, "cluster_summaries").groupBy("engine").count().collect()
