@@ -103,11 +103,12 @@ def test_readme_job_commands_run_verbatim_on_the_embedded_default(spark, home):
 @pytest.mark.slow
 @needs_java
 def test_make_demo_from_a_clean_project_home(spark, tmp_path):
-    assert "make demo" in readme_commands() and 'make demo ARGS="--max-rows 8"' in readme_commands()
+    quick_demo = 'make demo ARGS="--max-rows 8"'
+    assert quick_demo in readme_commands()
     home = tmp_path / "home"
     # The first 8 of the 40 sample tickets, through the whole demo (conversion, registration, both
-    # jobs, previews): the same path as 40, about 70 s sooner here.
-    output = succeeded(run_command("make demo", home, timeout=1200, ARGS="--max-rows 8"))
+    # jobs, previews): the same path as `make demo`, about 70 s sooner here.
+    output = succeeded(run_command(quick_demo, home, timeout=1200))
     assert re.search(r"^8 tickets summarized with support_dolly v1 .*; 32 more left pending", output, re.M), output[-3000:]
     assert "ticket_summaries (first rows):" in output
     assert read_delta(spark, home, "ticket_summaries").count() == 8
