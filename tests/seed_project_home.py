@@ -15,7 +15,6 @@ from dolly_spark.spark.sessions import get_spark
 from dolly_spark.lifecycle.tracking import configure_mlflow
 
 
-
 def register_champion(model_dir: str) -> str:
     """Register the checkpoint in ``model_dir`` as ``support_dolly`` (Dolly format), alias
     champion, in the current MLflow registry; return its version."""

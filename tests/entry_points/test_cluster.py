@@ -136,10 +136,11 @@ def test_a_run_on_the_cluster_survives_a_killed_python_worker_and_a_killed_execu
     assert app["name"] == "summarize_tickets.py", app
 
     # One row per ticket, each the greedy answer of the reference run.
-    answers = one_answer_per_ticket(read_delta(spark, seeded_home, "cluster_summaries"))
+    summaries = read_delta(spark, seeded_home, "cluster_summaries")
+    answers = one_answer_per_ticket(summaries)
     assert answers == reference_answers
     assert sum(1 for text in answers.values() if text) >= SAMPLE_TICKETS - 1
-    engines = read_delta(spark, seeded_home, "cluster_summaries").groupBy("engine").count().collect()
+    engines = summaries.groupBy("engine").count().collect()
     assert {row["engine"]: row["count"] for row in engines} == {"vllm": SAMPLE_TICKETS}
 
     # Files came once to each node that ran tasks, into its own local disk, and the replacement
