@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -73,3 +74,9 @@ def seed_home(home: Path, tiny_model_dir: Path) -> Path:
 def read_delta(spark, home: Path, table: str):
     """A table of ``home``'s warehouse, read by path (the test session has its own metastore)."""
     return spark.read.format("delta").load(str(home / "warehouse" / table))
+
+
+def spark_log_lines(output: str, level: str) -> list[str]:
+    """The lines of ``output`` that Spark's console log printed at ``level`` (INFO, WARN, ERROR),
+    in the layout of the package's log4j2 configuration (``%d{yy/MM/dd HH:mm:ss} %p %c{1}: %m``)."""
+    return re.findall(rf"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d {level} .*$", output, re.M)

@@ -66,10 +66,9 @@ def log4j2_properties() -> str:
         "appender.console.layout.type = PatternLayout",
         "appender.console.layout.pattern = %d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n%ex",
     ]
-    for index, name in enumerate(QUIETED_LOGGERS):
-        lines += [f"logger.quiet{index}.name = {name}", f"logger.quiet{index}.level = error"]
-    for index, name in enumerate(SILENCED_LOGGERS):
-        lines += [f"logger.silent{index}.name = {name}", f"logger.silent{index}.level = fatal"]
+    for prefix, level, names in (("quiet", "error", QUIETED_LOGGERS), ("silent", "fatal", SILENCED_LOGGERS)):
+        for index, name in enumerate(names):
+            lines += [f"logger.{prefix}{index}.name = {name}", f"logger.{prefix}{index}.level = {level}"]
     return "\n".join(lines) + "\n"
 
 

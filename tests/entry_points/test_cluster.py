@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from project_home import REPO, background_command, read_delta
+from project_home import REPO, background_command, read_delta, spark_log_lines
 from standalone_cluster import StandaloneCluster
 
 pytestmark = [
@@ -125,7 +125,7 @@ def test_a_run_on_the_cluster_survives_a_killed_python_worker_and_a_killed_execu
     assert "starting a local Spark session" not in output
     assert f"using the Spark master {cluster.url} from spark-submit" in output
     # Spark's console output stays at WARN: the job's own progress lines are what a user reads.
-    assert not re.search(r"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d INFO ", output, re.M), output[:3000]
+    assert not spark_log_lines(output, "INFO"), output[:3000]
     # Spark names a killed Python worker by what the executor saw: the worker gone, or its socket
     # closed mid-read (an EOFException), depending on the moment of the kill.
     assert re.search(r"Lost task .*(Python worker exited unexpectedly|crashed|java\.io\.EOFException)", output,

@@ -3,7 +3,6 @@ internal warnings of every ordinary run; real warnings stay."""
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dolly_spark.spark.install import setup_spark
-from project_home import with_short_lived_jvm
+from project_home import spark_log_lines, with_short_lived_jvm
 from dolly_spark.spark.log_config import (QUIETED_LOGGERS, SILENCED_LOGGERS, log4j2_properties,
                                           written_by_the_package)
 from dolly_spark.spark.sessions import _log_config_option
@@ -57,7 +56,7 @@ def test_a_session_the_package_starts_prints_no_internal_warnings(tmp_path):
     noise = [line for line in warnings
              if any(f" WARN {name.rsplit('.', 1)[1]}:" in line for name in QUIETED_LOGGERS)]
     assert not noise, "\n".join(noise)
-    errors = [line for line in run.stderr.splitlines() if re.match(r"\d\d/\d\d/\d\d \d\d:\d\d:\d\d ERROR ", line)]
+    errors = spark_log_lines(run.stderr, "ERROR")
     assert not errors, "\n".join(errors)
     assert any("WARN MergeIntoCommand: a real warning still shows" in line for line in warnings), run.stderr[-3000:]
 
