@@ -28,6 +28,7 @@ CODEGEN_CACHE_CONF = "spark.sql.codegen.cache.maxEntries"
 DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
 DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
 MASTER_ENV_VAR = "DOLLY_SPARK_MASTER"
+WORKER_DAEMON_MODULE = "dolly_spark.spark.worker_daemon"
 # Settings that decide where tables live; the embedded catalog is added only when the launcher
 # configured none of them (a cluster's own metastore or warehouse always wins).
 CATALOG_KEYS = ("spark.sql.warehouse.dir", "spark.sql.catalogImplementation",
@@ -113,6 +114,8 @@ def _session_conf(arrow_batch_size: int, shuffle_partitions: int, ui: bool) -> d
         "spark.sql.shuffle.partitions": str(shuffle_partitions),
         "spark.ui.enabled": "true" if ui else "false",
         "spark.python.worker.reuse": "true",
+        # Workers fork from a daemon that imported torch and transformers once (``worker_daemon``).
+        "spark.python.daemon.module": WORKER_DAEMON_MODULE,
         # Delta replays its log over 50 partitions by default: far too many for one machine.
         "spark.databricks.delta.snapshotPartitions": "2",
         "spark.ui.showConsoleProgress": "false",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from dolly_spark.spark.sessions import WORKER_DAEMON_MODULE
 from project_home import REPO, background_command, read_delta, spark_log_lines
 from standalone_cluster import StandaloneCluster
 
@@ -56,7 +57,7 @@ def python_workers(cluster) -> list[int]:
     package and loading the model for seconds before it generates."""
     workers = []
     for executor in cluster.executor_pids():
-        daemons = subprocess.run(["pgrep", "-P", str(executor), "-f", "pyspark.daemon"], capture_output=True,
+        daemons = subprocess.run(["pgrep", "-P", str(executor), "-f", WORKER_DAEMON_MODULE], capture_output=True,
                                  text=True).stdout.split()
         for daemon in daemons:
             workers += [int(pid) for pid in subprocess.run(["pgrep", "-P", daemon], capture_output=True,

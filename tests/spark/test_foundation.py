@@ -30,6 +30,23 @@ def test_local_session_runs_workers_on_this_interpreter(spark):
     assert set(executables) == {sys.executable}
 
 
+def test_python_workers_fork_from_a_daemon_that_imported_torch(spark):
+    # The daemon, not each worker, pays for importing torch and transformers.
+    def worker_parent(_) -> tuple[str, bool]:
+        """(command line, whether torch's library is mapped) of the process that forked this worker."""
+        from pathlib import Path
+
+        parent = __import__("os").getppid()
+        command = Path(f"/proc/{parent}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        return command, "libtorch_cpu" in Path(f"/proc/{parent}/maps").read_text()
+
+    parents = set(spark.sparkContext.parallelize([0, 1], 2).map(worker_parent).collect())
+    assert len(parents) == 1, parents
+    ((command, has_torch),) = parents
+    assert "dolly_spark.spark.worker_daemon" in command
+    assert has_torch, f"the daemon ({command}) has not imported torch"
+
+
 def test_saved_tables_live_under_project_home(spark, project_home):
     spark.range(3).write.format("delta").saveAsTable("home_location_check")
     location = spark.sql("DESCRIBE DETAIL home_location_check").first()["location"]
