@@ -2,7 +2,7 @@
 
 An executor starts one daemon (``spark.python.daemon.module``) and forks a Python worker from it
 whenever a task needs one and no idle worker is left. Spark's own daemon imports next to nothing,
-so every worker imported torch and transformers itself before it could load a model: about 5
+so every worker imported torch and transformers itself before it could load a model: about 4
 CPU-seconds per worker here, paid again for each concurrent task, each executor and each job.
 This daemon imports them once; the workers it forks share those pages and start at the model load.
 

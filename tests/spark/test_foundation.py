@@ -31,6 +31,8 @@ def test_local_session_runs_workers_on_this_interpreter(spark):
 
 
 def test_python_workers_fork_from_a_daemon_that_imported_torch(spark):
+    from dolly_spark.spark.sessions import WORKER_DAEMON_MODULE
+
     # The daemon, not each worker, pays for importing torch and transformers.
     def worker_parent(_) -> tuple[str, bool]:
         """(command line, whether torch's library is mapped) of the process that forked this worker."""
@@ -43,7 +45,7 @@ def test_python_workers_fork_from_a_daemon_that_imported_torch(spark):
     parents = set(spark.sparkContext.parallelize([0, 1], 2).map(worker_parent).collect())
     assert len(parents) == 1, parents
     ((command, has_torch),) = parents
-    assert "dolly_spark.spark.worker_daemon" in command
+    assert WORKER_DAEMON_MODULE in command
     assert has_torch, f"the daemon ({command}) has not imported torch"
 
 
