@@ -51,12 +51,21 @@ def loading_pids(loads: set[str]) -> list[str]:
     return [re.search(r"pid (\d+), load \d+ of this process\)$", line)[1] for line in loads]
 
 
-def python_workers(cluster) -> list[int]:
-    """Process ids of the Python workers the executors' daemons forked. A worker is forked when
-    a task asks for one and no idle worker is left: a new one is inside its task, importing the
-    package and loading the model for seconds before it generates."""
+def python_workers_inside_the_udf(cluster) -> list[int]:
+    """Process ids of the Python workers that are inside a summarize task: those of each executor
+    whose log shows its worker started the UDF (it says where the node's model cache is, seconds
+    before the model is loaded). The job runs no other Python, and an executor has one core, so
+    such an executor's one worker is that task's. A worker found any sooner may be between its
+    fork and its handshake with the executor, where Spark quietly replaces a killed worker and the
+    task never fails."""
     workers = []
     for executor in cluster.executor_pids():
+        try:  # an executor runs in its work directory, where its stderr is written
+            started = "dolly_spark: model cache on " in Path(f"/proc/{executor}/cwd/stderr").read_text(errors="replace")
+        except OSError:  # the executor is gone
+            continue
+        if not started:
+            continue
         daemons = subprocess.run(["pgrep", "-P", str(executor), "-f", WORKER_DAEMON_MODULE], capture_output=True,
                                  text=True).stdout.split()
         for daemon in daemons:
@@ -87,33 +96,40 @@ def wait_for(condition, what: str, process, timeout: float = 600):
 
 
 @pytest.fixture(scope="module")
-def reference_answers(spark, mlflow_registry, tiny_model_dir, seeded_home) -> dict[str, str]:
-    """The summarize job's answers on the embedded default, run in this process with the "hf"
-    engine: the same config file, tickets and checkpoint the cluster run is given."""
-    from dolly_spark.batch.summarize import SummarizeConfig, run_summarize
+def reference_answers(mlflow_registry, tiny_model_dir) -> dict[str, str]:
+    """Ticket id -> the answer the "hf" engine gives, in this process, to the request the summarize
+    job builds from its config file for the checkpoint the home was seeded with, on the sample
+    tickets the seed wrote into its source table."""
+    from dolly_spark.batch.demo import sample_tickets
+    from dolly_spark.batch.summarize import SummarizeConfig
+    from dolly_spark.batch.targets import job_request
+    from dolly_spark.inference.engines import EngineConfig, Rows
     from dolly_spark.job_config import load_config
+    from dolly_spark.lifecycle.loader import load_engine
+    from dolly_spark.lifecycle.registry import resolve_model
     from seed_project_home import register_champion
 
     version = register_champion(tiny_model_dir)  # in this module's registry, as the home was seeded
-    read_delta(spark, seeded_home, "support_tickets").write.format("delta").saveAsTable("cluster_reference_tickets")
-    config = load_config(SummarizeConfig, [
-        "--config", str(REPO / "conf" / "summarize_tickets.yaml"), "--source-table", "cluster_reference_tickets",
-        "--target-table", "cluster_reference", "--model-uri", f"models:/support_dolly/{version}", "--engine", "hf"],
-        "summarize_tickets", "the reference run")
-    assert run_summarize(spark, config).rows_written == SAMPLE_TICKETS
-    return one_answer_per_ticket(spark.read.table("cluster_reference"))
+    config = load_config(SummarizeConfig, ["--config", str(REPO / "conf" / "summarize_tickets.yaml")],
+                         "summarize_tickets", "the reference answers")
+    request = job_request(config, resolve_model(f"models:/support_dolly/{version}", config.prompt_format))
+    engine = load_engine(request.model, EngineConfig(engine="hf", token_budget=config.token_budget))
+    tickets = sample_tickets()
+    assert len(tickets) == SAMPLE_TICKETS
+    rows = Rows([request.instruction] * len(tickets), [ticket[config.text_col] for ticket in tickets],
+                [ticket[config.id_col] for ticket in tickets])
+    return {key: result.response for key, result in zip(rows.keys, engine.run(rows, request))}
 
 
 def test_a_run_on_the_cluster_survives_a_killed_python_worker_and_a_killed_executor(
         spark, cluster, seeded_home, reference_answers, tmp_path):
     """One run, chunked, on the "vllm" engine, meets both faults: a Python worker killed inside
     its task, then an executor killed after the first chunk was merged. It loses nothing, and its
-    answers are the ones the "hf" engine gives on the embedded default."""
+    answers are the ones the "hf" engine gives the same request in the test process."""
     log = tmp_path / "job.log"
     command = f"{SUMMARIZE.format(master=cluster.url)} --target-table cluster_summaries --chunk-rows 20 --engine vllm"
     with background_command(command, seeded_home, log) as job:
-        # Executors belong to their application: every Python worker now is this run's.
-        (worker, *_) = wait_for(lambda: sorted(python_workers(cluster)), "an executor forked a Python worker", job)
+        (worker, *_) = wait_for(lambda: python_workers_inside_the_udf(cluster), "a Python worker started the UDF", job)
         os.kill(worker, signal.SIGKILL)
         first_merge = seeded_home / "warehouse" / "cluster_summaries" / "_delta_log" / "00000000000000000001.json"
         wait_for(first_merge.exists, "the first chunk was merged", job)
