@@ -26,6 +26,11 @@ def project_home(tmp_path_factory) -> Path:
     """One project home for the whole session: the Spark warehouse, metastore and model cache."""
     home = tmp_path_factory.mktemp("dolly_spark_home")
     os.environ["DOLLY_SPARK_HOME"] = str(home)
+    # A Spark conf directory with nothing in it: the session's Spark reads no spark-defaults.conf
+    # or log4j2.properties of this machine's, and the package's log configuration applies, as on
+    # a machine where `dolly-spark setup-spark` never ran. (Commands in subprocesses run in the
+    # user's environment: project_home.job_env drops this.)
+    os.environ["SPARK_CONF_DIR"] = str(tmp_path_factory.mktemp("empty_spark_conf"))
     # A user cache of the session's own, shared with the commands it runs: the demo model is
     # converted from its GGUF file once per test run, never taken from an earlier one.
     os.environ["DOLLY_SPARK_USER_CACHE"] = str(tmp_path_factory.mktemp("user_cache"))

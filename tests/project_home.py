@@ -80,3 +80,12 @@ def spark_log_lines(output: str, level: str) -> list[str]:
     """The lines of ``output`` that Spark's console log printed at ``level`` (INFO, WARN, ERROR),
     in the layout of the package's log4j2 configuration (``%d{yy/MM/dd HH:mm:ss} %p %c{1}: %m``)."""
     return re.findall(rf"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d {level} .*$", output, re.M)
+
+
+def internal_warnings(output: str) -> list[str]:
+    """The warnings in ``output`` from the loggers the package's log configuration quiets: Spark's,
+    Hive's and Delta's notes on every ordinary run, which a session of the package never prints."""
+    from dolly_spark.spark.log_config import QUIETED_LOGGERS
+
+    names = {name.rsplit(".", 1)[1] for name in QUIETED_LOGGERS}
+    return [line for line in spark_log_lines(output, "WARN") if line.split(" WARN ", 1)[1].split(":", 1)[0] in names]

@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import shared_sample
-from project_home import REPO, background_command, read_delta, run_command, spark_log_lines
+from project_home import REPO, background_command, internal_warnings, read_delta, run_command, spark_log_lines
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="Spark needs Java 17+ on PATH")
 
 
@@ -25,8 +25,12 @@ def home(seeded_home) -> Path:
 
 
 def succeeded(result) -> str:
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return result.stdout + result.stderr
+    """The output of a command that exited 0, whose Spark console showed no internal warning
+    (start-up notes included) and no error."""
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert not internal_warnings(output) and not spark_log_lines(output, "ERROR"), output[-4000:]
+    return output
 
 
 QUICK_DEMO = 'make demo ARGS="--max-rows 8"'
@@ -125,8 +129,9 @@ def test_make_demo_from_a_clean_project_home(spark, quick_demo):
     # jobs, previews): the same path as `make demo`, about 70 s sooner here.
     assert process.wait(timeout=1200) == 0, log.read_text()[-4000:]
     output = log.read_text()
-    # Spark's console shows no error of an ordinary run (the capped run rewrites its staging table).
-    assert not spark_log_lines(output, "ERROR"), output[-3000:]
+    # Spark's console shows no internal warning or error of an ordinary run (the capped run
+    # rewrites its staging table).
+    assert not internal_warnings(output) and not spark_log_lines(output, "ERROR"), output[-3000:]
     assert re.search(r"^8 tickets summarized with support_dolly v1 .*; 32 more left pending", output, re.M), output[-3000:]
     assert "ticket_summaries (first rows):" in output
     assert read_delta(spark, home, "ticket_summaries").count() == 8

@@ -2,63 +2,68 @@
 internal warnings of every ordinary run; real warnings stay."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
+import contextlib
+from typing import Callable, Iterator
 
-import pytest
+from delta.tables import DeltaTable
 
 from dolly_spark.spark.install import setup_spark
-from project_home import spark_log_lines, with_short_lived_jvm
 from dolly_spark.spark.log_config import (QUIETED_LOGGERS, SILENCED_LOGGERS, log4j2_properties,
                                           written_by_the_package)
 from dolly_spark.spark.sessions import _log_config_option
-
-REPO = Path(__file__).resolve().parents[2]
-
-ORDINARY_RUN = textwrap.dedent("""
-    from delta.tables import DeltaTable
-    from dolly_spark.spark.sessions import get_spark
-
-    spark = get_spark("quiet", master="local[1]", ui=False, shuffle_partitions=1)
-    spark.createDataFrame([(1, "open"), (2, "open")], "id INT, status STRING").write.format("delta").saveAsTable("t")
-    spark.sql("UPDATE t SET status = 'closed' WHERE id = 1")
-    spark.sql("DELETE FROM t WHERE id = 2")
-    # Overwritten as a run's staging tables are: the metastore's Hive-format schema change fails first.
-    spark.read.table("t").write.format("delta").mode("overwrite").option("overwriteSchema", "true").saveAsTable("t")
-    # A MERGE materializes its source with a local checkpoint and unpersists it afterwards.
-    source = spark.createDataFrame([(1, "done"), (3, "new")], "id INT, status STRING")
-    (DeltaTable.forName(spark, "t").alias("t").merge(source.alias("s"), "t.id = s.id")
-     .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
-    print(spark.read.table("t").count())
-    # A real warning, from a sibling of the quieted Delta commands: it must still show.
-    logger = spark.sparkContext._jvm.org.apache.logging.log4j.LogManager.getLogger(
-        "org.apache.spark.sql.delta.commands.MergeIntoCommand")
-    logger.warn("a real warning still shows")
-    spark.stop()
-""")
+from project_home import internal_warnings, spark_log_lines
 
 
-@pytest.mark.slow
-def test_a_session_the_package_starts_prints_no_internal_warnings(tmp_path):
-    conf_dir = tmp_path / "spark_conf"  # no log4j2.properties of the user's: the package's applies
-    conf_dir.mkdir()
-    env = with_short_lived_jvm({
-        **os.environ, "DOLLY_SPARK_HOME": str(tmp_path / "home"), "SPARK_CONF_DIR": str(conf_dir),
-        "PYSPARK_PYTHON": sys.executable,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
-    run = subprocess.run([sys.executable, "-c", ORDINARY_RUN], env=env, cwd=tmp_path, capture_output=True,
-                         text=True, timeout=400)
-    assert run.returncode == 0 and run.stdout.strip().endswith("2"), run.stderr[-3000:]
-    warnings = [line for line in run.stderr.splitlines() if " WARN " in line]
-    noise = [line for line in warnings
-             if any(f" WARN {name.rsplit('.', 1)[1]}:" in line for name in QUIETED_LOGGERS)]
-    assert not noise, "\n".join(noise)
-    errors = spark_log_lines(run.stderr, "ERROR")
-    assert not errors, "\n".join(errors)
-    assert any("WARN MergeIntoCommand: a real warning still shows" in line for line in warnings), run.stderr[-3000:]
+@contextlib.contextmanager
+def console_log(spark) -> Iterator[Callable[[], str]]:
+    """What the session's console log prints meanwhile, as a function that returns it so far: a
+    second appender on the root logger, in the console's layout, sees exactly the events that
+    pass the configured logger levels, as the console does."""
+    jvm = spark.sparkContext._jvm
+    core = jvm.org.apache.logging.log4j.core
+    context = jvm.org.apache.logging.log4j.LogManager.getContext(False)
+    root = context.getConfiguration().getRootLogger()
+    writer = jvm.java.io.StringWriter()
+    layout = core.layout.PatternLayout.newBuilder().withPattern("%d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n").build()
+    appender = core.appender.WriterAppender.createAppender(layout, None, writer, "dolly_spark-test-console", False,
+                                                           True)
+    appender.start()
+    root.addAppender(appender, None, None)
+    context.updateLoggers()
+    try:
+        yield writer.toString
+    finally:
+        root.removeAppender("dolly_spark-test-console")
+        context.updateLoggers()
+        appender.stop()
+
+
+def test_an_ordinary_run_prints_no_internal_warnings_and_real_ones_still_show(spark):
+    """The test session's Spark was started by the package with no log4j2.properties in Spark's
+    conf directory (see conftest): the package's configuration applies. Start-up's notes are
+    checked on the README commands' own output."""
+    with console_log(spark) as printed:
+        spark.createDataFrame([(1, "open"), (2, "open")], "id INT, status STRING").write.format("delta") \
+            .saveAsTable("quiet_ordinary_run")
+        spark.sql("UPDATE quiet_ordinary_run SET status = 'closed' WHERE id = 1")
+        spark.sql("DELETE FROM quiet_ordinary_run WHERE id = 2")
+        # Overwritten as a run's staging tables are: the metastore's Hive-format schema change fails first.
+        spark.read.table("quiet_ordinary_run").write.format("delta").mode("overwrite") \
+            .option("overwriteSchema", "true").saveAsTable("quiet_ordinary_run")
+        # A MERGE materializes its source with a local checkpoint and unpersists it afterwards.
+        source = spark.createDataFrame([(1, "done"), (3, "new")], "id INT, status STRING")
+        (DeltaTable.forName(spark, "quiet_ordinary_run").alias("t").merge(source.alias("s"), "t.id = s.id")
+         .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+        assert spark.read.table("quiet_ordinary_run").count() == 2
+        # A real warning, from a sibling of the quieted Delta commands: it must still show.
+        spark.sparkContext._jvm.org.apache.logging.log4j.LogManager.getLogger(
+            "org.apache.spark.sql.delta.commands.MergeIntoCommand").warn("a real warning still shows")
+        output = printed()
+    assert not internal_warnings(output), output
+    assert not spark_log_lines(output, "ERROR"), output
+    # The one warning printed is the real one.
+    assert [line.split(" WARN ", 1)[1] for line in spark_log_lines(output, "WARN")] == [
+        "MergeIntoCommand: a real warning still shows"], output
 
 
 def test_the_configuration_quiets_only_those_loggers():
