@@ -41,6 +41,8 @@ SILENCED_LOGGERS = (
 )
 
 HEADER = "# dolly-spark: Spark's console output at WARN, so jobs show their own progress."
+# How each console line looks: "26/12/05 11:56:37 WARN TaskSetManager: ...", then any stack trace.
+CONSOLE_PATTERN = "%d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n%ex"
 
 # SHA-256 of the texts earlier versions of the package wrote, which it may replace.
 EARLIER_VERSIONS = frozenset({
@@ -64,7 +66,7 @@ def log4j2_properties() -> str:
         "appender.console.name = console",
         "appender.console.target = SYSTEM_ERR",
         "appender.console.layout.type = PatternLayout",
-        "appender.console.layout.pattern = %d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n%ex",
+        f"appender.console.layout.pattern = {CONSOLE_PATTERN}",
     ]
     for prefix, level, names in (("quiet", "error", QUIETED_LOGGERS), ("silent", "fatal", SILENCED_LOGGERS)):
         for index, name in enumerate(names):

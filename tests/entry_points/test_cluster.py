@@ -22,12 +22,13 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("java") is None, reason="a Spark cluster needs Java 17+ on PATH"),
 ]
 
+# Answers of up to 32 tokens, not the config's 96, in the cluster run and its reference alike: the
+# tiny model fills whatever it is given, and what this test checks (faults survived, loads,
+# answers equal to the hf engine's) holds at any length, in about a third of the generation.
+SHORT_ANSWERS = ("--max-new-tokens", "32")
 # Version 1 by number: the home is shared with the README's commands, which may promote another.
-# Answers of up to 32 tokens, not the config's 96: the tiny model fills whatever it is given, and
-# what this test checks (faults survived, loads, answers equal to the hf engine's) holds at any
-# length, in about a third of the generation.
 SUMMARIZE = ("spark-submit --master {master} jobs/summarize_tickets.py --config conf/summarize_tickets.yaml "
-             "--model-uri models:/support_dolly/1 --max-new-tokens 32")
+             f"--model-uri models:/support_dolly/1 {' '.join(SHORT_ANSWERS)}")
 SAMPLE_TICKETS = 40
 
 
@@ -113,8 +114,8 @@ def reference_answers(mlflow_registry, tiny_model_dir) -> dict[str, str]:
     from seed_project_home import register_champion
 
     version = register_champion(tiny_model_dir)  # in this module's registry, as the home was seeded
-    config = load_config(SummarizeConfig, ["--config", str(REPO / "conf" / "summarize_tickets.yaml"),
-                                           "--max-new-tokens", "32"], "summarize_tickets", "the reference answers")
+    config = load_config(SummarizeConfig, ["--config", str(REPO / "conf" / "summarize_tickets.yaml"), *SHORT_ANSWERS],
+                         "summarize_tickets", "the reference answers")
     request = job_request(config, resolve_model(f"models:/support_dolly/{version}", config.prompt_format))
     engine = load_engine(request.model, EngineConfig(engine="hf", token_budget=config.token_budget))
     tickets = sample_tickets()

@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 from delta.tables import DeltaTable
 
 from dolly_spark.spark.install import setup_spark
-from dolly_spark.spark.log_config import (QUIETED_LOGGERS, SILENCED_LOGGERS, log4j2_properties,
+from dolly_spark.spark.log_config import (CONSOLE_PATTERN, QUIETED_LOGGERS, SILENCED_LOGGERS, log4j2_properties,
                                           written_by_the_package)
 from dolly_spark.spark.sessions import _log_config_option
 from project_home import internal_warnings, spark_log_lines
@@ -24,7 +24,7 @@ def console_log(spark) -> Iterator[Callable[[], str]]:
     context = jvm.org.apache.logging.log4j.LogManager.getContext(False)
     root = context.getConfiguration().getRootLogger()
     writer = jvm.java.io.StringWriter()
-    layout = core.layout.PatternLayout.newBuilder().withPattern("%d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n").build()
+    layout = core.layout.PatternLayout.newBuilder().withPattern(CONSOLE_PATTERN).build()
     appender = core.appender.WriterAppender.createAppender(layout, None, writer, "dolly_spark-test-console", False,
                                                            True)
     appender.start()
