@@ -82,6 +82,13 @@ def spark_log_lines(output: str, level: str) -> list[str]:
     return re.findall(rf"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d {level} .*$", output, re.M)
 
 
+def spark_log_records(output: str) -> list[str]:
+    """``output`` cut into records, each from one line Spark's console log printed (in the layout
+    of ``spark_log_lines``) up to the next: a record holds its message's stack trace, and
+    whatever else was printed before the next record."""
+    return re.split(r"(?m)^(?=\d\d/\d\d/\d\d \d\d:\d\d:\d\d )", output)
+
+
 def internal_warnings(output: str) -> list[str]:
     """The warnings in ``output`` from the loggers the package's log configuration quiets: Spark's,
     Hive's and Delta's notes on every ordinary run, which a session of the package never prints."""

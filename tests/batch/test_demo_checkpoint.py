@@ -26,6 +26,7 @@ def test_one_conversion_serves_every_project_home_until_transformers_changes(tin
     assert not any((tmp_path / home).exists() and any((tmp_path / home).iterdir())
                    for home in ("first_home", "second_home"))
 
+    installed = demo.converter_version()
     monkeypatch.setattr(demo, "converter_version", lambda: "0.0.0-another")
     assert demo.demo_checkpoint() != checkpoints[0]
-    assert conversions == [conversions[0], "0.0.0-another"]
+    assert conversions == [installed, "0.0.0-another"]

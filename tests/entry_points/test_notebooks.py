@@ -400,9 +400,12 @@ def test_apply_instruction_classifies_and_extracts(spark, workspace_mlflow, regi
     for row in rows.values():
         result = row["result"]
         assert result["label"] in labels and abs(sum(result["label_probabilities"].values()) - 1) < 1e-6
-        parsed = result["parsed"]
-        assert (parsed is not None and set(parsed) == {"refund_requested", "urgency"}) or \
-            "not complete JSON" in result["error"]
+        if result["parsed"] is None:  # cut off: the error says which limit to raise
+            assert result["finish_reason"] == "length"
+            assert "not complete JSON" in result["error"] and "max_new_tokens=48" in result["error"]
+        else:
+            assert result["error"] is None and result["parsed"] == json.loads(result["response"])
+            assert set(result["parsed"]) == {"refund_requested", "urgency"}
 
 
 @pytest.fixture(scope="module")
@@ -439,30 +442,34 @@ def test_finetune_registers_a_challenger(finetuned, parameters, tiny_model_dir, 
 
 @pytest.mark.slow
 def test_evaluate_and_promote_moves_champion_only_when_the_challenger_wins(spark, finetuned, parameters):
-    from dolly_spark.lifecycle.registry import CHALLENGER, CHAMPION, alias_version
+    from dolly_spark.lifecycle.registry import CHALLENGER, CHAMPION, alias_version, set_alias
 
     champion, tuning = finetuned
     challenger = tuning.result.version
     params = parameters["evaluate_and_promote.py"]
     name = params["model_name"]
+    # The champion goes back where the module registered it, whatever happens: the fine-tune's
+    # test checks it, in any order.
+    try:
+        # No score is above 1: a margin of 2 cannot be met.
+        kept = run_notebook("evaluate_and_promote.py", spark, {**params, "margin": "2"})
+        report = kept.result
+        assert str(report) in kept.printed and "promoted=False" in kept.printed
+        assert (report.challenger_version, report.champion_version, report.promoted) == (challenger, champion, False)
+        assert report.champion_score is not None and report.metrics["promoted"] == 0.0
+        assert alias_version(name, CHAMPION) == champion and alias_version(name, CHALLENGER) == challenger
+        assert kept.entry_point.calls[0]["arguments"]["config"].max_eval_records == 4
 
-    # No score is above 1: a margin of 2 cannot be met.
-    kept = run_notebook("evaluate_and_promote.py", spark, {**params, "margin": "2"})
-    report = kept.result
-    assert str(report) in kept.printed and "promoted=False" in kept.printed
-    assert (report.challenger_version, report.champion_version, report.promoted) == (challenger, champion, False)
-    assert report.champion_score is not None and report.metrics["promoted"] == 0.0
-    assert alias_version(name, CHAMPION) == champion and alias_version(name, CHALLENGER) == challenger
-    assert kept.entry_point.calls[0]["arguments"]["config"].max_eval_records == 4
-
-    # Any challenger beats its champion by a margin of -1.
-    moved = run_notebook("evaluate_and_promote.py", spark, {**params, "margin": "-1"})
-    report = moved.result
-    assert str(report) in moved.printed and "promoted=True" in moved.printed
-    assert (report.challenger_version, report.champion_version, report.promoted) == (challenger, champion, True)
-    assert alias_version(name, CHAMPION) == challenger
-    run = MlflowClient().get_run(report.run_id)
-    assert run.data.params["margin"] == "-1.0" and run.data.tags["champion_version"] == champion
+        # Any challenger beats its champion by a margin of -1.
+        moved = run_notebook("evaluate_and_promote.py", spark, {**params, "margin": "-1"})
+        report = moved.result
+        assert str(report) in moved.printed and "promoted=True" in moved.printed
+        assert (report.challenger_version, report.champion_version, report.promoted) == (challenger, champion, True)
+        assert alias_version(name, CHAMPION) == challenger
+        run = MlflowClient().get_run(report.run_id)
+        assert run.data.params["margin"] == "-1.0" and run.data.tags["champion_version"] == champion
+    finally:
+        set_alias(name, CHAMPION, champion)
 
 
 def test_every_notebook_has_an_entry_point_and_runs_here():

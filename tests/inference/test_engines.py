@@ -39,7 +39,10 @@ def test_the_vllm_engine_sees_only_the_tasks_gpu(monkeypatch):
     from dolly_spark.inference.vllm_engine import _only_visible_gpu
 
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    # Set before it is deleted, so the undo at the end removes what the calls below set even where
+    # the variable was unset (a delenv of an unset variable records nothing to undo).
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     _only_visible_gpu(3)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")

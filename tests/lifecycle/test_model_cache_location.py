@@ -37,7 +37,11 @@ def test_cache_location_in_order_of_precedence(node, monkeypatch, capsys):
 
     monkeypatch.setenv(settings.MODEL_CACHE_ENV_VAR, str(node / "configured"))
     assert settings.model_cache_dir() == node / "configured"
-    assert all(Path(line.rsplit(": ", 1)[1]).is_dir() for line in capsys.readouterr().err.splitlines())
+    # Each place, new on this node, was made and announced once, in order.
+    announced = [Path(line.rsplit(": ", 1)[1]) for line in capsys.readouterr().err.splitlines()]
+    assert announced == [node / "home" / "model_cache", node / "scratch" / "dolly_spark_model_cache",
+                         node / "local_disk0" / "dolly_spark" / "model_cache", node / "configured"]
+    assert all(path.is_dir() for path in announced)
 
 
 def test_cache_location_is_announced_once_per_node(node, capsys):

@@ -67,6 +67,7 @@ def test_spark_results_equal_engine_results(spark, tickets, registered_tiny, tmp
     engine = InstructionEngine.from_pretrained(model_path, tokenizer_path, "dolly")
     engine_results = engine.run(Rows([INSTRUCTION] * len(TICKETS), [body for _, body in TICKETS]),
                                 Request(max_new_tokens=10, require_input=True))
+    assert len(spark_results) == len(engine_results) == len(TICKETS)
     for spark_result, engine_result in zip(spark_results, engine_results):
         fields = vars(engine_result)
         # A free-text struct leaves out the structured answers' fields, which the engine leaves None.
@@ -85,7 +86,7 @@ def test_per_row_instructions_from_a_column(spark, registered_tiny):
 
 
 def test_alias_moved_after_the_call_changes_nothing(spark, tickets, registered_tiny, tiny_model_dir):
-    from dolly_spark.lifecycle.registry import CHAMPION, log_and_register
+    from dolly_spark.lifecycle.registry import CHAMPION, log_and_register, set_alias
     from dolly_spark.testing.tiny_models import build_tiny_model
     from transformers import AutoTokenizer
 
@@ -94,11 +95,14 @@ def test_alias_moved_after_the_call_changes_nothing(spark, tickets, registered_t
                             max_new_tokens=4)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     newer = log_and_register(build_tiny_model(tokenizer, seed=1), tokenizer, name, "dolly", alias=CHAMPION)
-    assert newer != version
-    assert {row["response"]["model_version"] for row in out.collect()} == {version}
-    moved = apply_instruction(tickets, INSTRUCTION, input_col="body", model_uri=f"models:/{name}@champion",
-                              max_new_tokens=4)
-    assert {row["response"]["model_version"] for row in moved.collect()} == {newer}
+    try:
+        assert newer != version
+        assert {row["response"]["model_version"] for row in out.collect()} == {version}
+        moved = apply_instruction(tickets, INSTRUCTION, input_col="body", model_uri=f"models:/{name}@champion",
+                                  max_new_tokens=4)
+        assert {row["response"]["model_version"] for row in moved.collect()} == {newer}
+    finally:  # the module's other tests use the champion registered_tiny registered, in any order
+        set_alias(name, CHAMPION, version)
 
 
 def test_local_checkpoint_path_works_without_registry(spark, tickets, tiny_model_dir):
@@ -166,7 +170,7 @@ def test_a_failed_generation_drops_the_processs_model(project_home, broken_check
     request, config = Request(spec, INSTRUCTION, max_new_tokens=4), EngineConfig()
     loaded = models.load_engine(spec, config)
     batches = iter([(pd.Series([INSTRUCTION]), pd.Series(["Refund please."]), pd.Series([None], dtype=object))])
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match="index out of range"):  # the embedding's, past its 16 ids
         list(instruction_udf(request, config).func(batches))  # the UDF's body, as a Python worker runs it
     assert models.load_engine(spec, config) is not loaded  # reloaded, not the engine that failed
 
