@@ -83,6 +83,18 @@ def no_jobs_ran(spark, action):
     return raised.value, not spark.sparkContext.statusTracker().getJobIdsForGroup(group)
 
 
+def checked_schema_answer(answer: dict, max_new_tokens: int) -> dict | None:
+    """The parsed document of a schema answer (a result as a dict, its ``parsed`` one too), after
+    checking it: a parsed answer has no error and is its text's JSON; one that is not parsed was
+    cut off by ``max_new_tokens``, keeps its raw text and has an error naming that limit (None)."""
+    if answer["parsed"] is None:
+        assert answer["finish_reason"] == "length" and answer["response"], answer
+        assert "not complete JSON" in answer["error"] and f"max_new_tokens={max_new_tokens}" in answer["error"], answer
+        return None
+    assert answer["error"] is None and answer["parsed"] == json.loads(answer["response"]), answer
+    return answer["parsed"]
+
+
 def shared_sample() -> Path:
     """The dolly-15k sample beside the repository (``../shared/data``). Tests that tokenise,
     train or score on it fail without it rather than quietly use other data."""

@@ -15,6 +15,8 @@ from dolly_spark.paths import USER_CACHE_ENV_VAR
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_ACTIVATE = Path(sys.executable).parent / "activate"
+# How each line of Spark's console log begins, in the package's log4j2 layout (``%d{yy/MM/dd HH:mm:ss} ``).
+SPARK_LOG_STAMP = r"\d\d/\d\d/\d\d \d\d:\d\d:\d\d "
 
 
 def job_env(home: Path, **extra: str) -> dict[str, str]:
@@ -79,14 +81,14 @@ def read_delta(spark, home: Path, table: str):
 def spark_log_lines(output: str, level: str) -> list[str]:
     """The lines of ``output`` that Spark's console log printed at ``level`` (INFO, WARN, ERROR),
     in the layout of the package's log4j2 configuration (``%d{yy/MM/dd HH:mm:ss} %p %c{1}: %m``)."""
-    return re.findall(rf"^\d\d/\d\d/\d\d \d\d:\d\d:\d\d {level} .*$", output, re.M)
+    return re.findall(rf"^{SPARK_LOG_STAMP}{level} .*$", output, re.M)
 
 
 def spark_log_records(output: str) -> list[str]:
     """``output`` cut into records, each from one line Spark's console log printed (in the layout
     of ``spark_log_lines``) up to the next: a record holds its message's stack trace, and
     whatever else was printed before the next record."""
-    return re.split(r"(?m)^(?=\d\d/\d\d/\d\d \d\d:\d\d:\d\d )", output)
+    return re.split(rf"(?m)^(?={SPARK_LOG_STAMP})", output)
 
 
 def internal_warnings(output: str) -> list[str]:
