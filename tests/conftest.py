@@ -38,6 +38,11 @@ def project_home(tmp_path_factory) -> Path:
     return home
 
 
+# Spark's settings (its SQL conf, settable per query) that evaluate expressions without
+# generating code (unset, they are Spark's defaults: code generation).
+INTERPRETED_EXPRESSIONS = {"spark.sql.codegen.wholeStage": "false", "spark.sql.codegen.factoryMode": "NO_CODEGEN"}
+
+
 @pytest.fixture(scope="session")
 def spark(project_home):
     """The session's Spark with Delta: local[2], UI off, 2 shuffle partitions, UTC, expressions
@@ -56,7 +61,7 @@ def spark(project_home):
         shuffle_partitions=2,
         ui=False,
         extra_conf={"spark.sql.session.timeZone": "UTC", "spark.default.parallelism": "2",
-                    "spark.sql.codegen.wholeStage": "false", "spark.sql.codegen.factoryMode": "NO_CODEGEN"},
+                    **INTERPRETED_EXPRESSIONS},
     )
     yield session
     session.stop()

@@ -8,6 +8,7 @@ import pytest
 
 from dolly_spark.batch.summarize import run_summarize
 from dolly_spark.spark.tables import delta_version
+from conftest import INTERPRETED_EXPRESSIONS
 from summarize_helpers import config_for, make_source, one_row_per_ticket
 
 pytestmark = pytest.mark.slow
@@ -18,11 +19,26 @@ def classes_compiled(spark) -> int:
     return spark._jvm.org.apache.spark.metrics.source.CodegenMetrics.METRIC_COMPILATION_TIME().getCount()
 
 
-def test_edited_ticket_and_changed_instruction_redo_exactly_the_rows_they_affect(spark, registered_tiny):
+@pytest.fixture
+def code_generation(spark):
+    """Spark's code generation on for one test, as in the jobs users run (the tests' session
+    interprets expressions: see conftest's ``spark``)."""
+    for key in INTERPRETED_EXPRESSIONS:
+        spark.conf.unset(key)  # Spark's defaults: code generation
+    yield
+    for key, value in INTERPRETED_EXPRESSIONS.items():
+        spark.conf.set(key, value)
+
+
+def test_edited_ticket_and_changed_instruction_redo_exactly_the_rows_they_affect(spark, registered_tiny,
+                                                                                 code_generation):
     name, _ = registered_tiny
     source = make_source(spark, "tickets_fresh")
     config = config_for(source, "summaries_fresh", f"models:/{name}@champion", max_attempts=1)
+    compiled_before = classes_compiled(spark)
     run_summarize(spark, config)
+    # The session's first run with code generation on: it compiles its queries' code.
+    assert classes_compiled(spark) - compiled_before > 30
     before = one_row_per_ticket(spark, "summaries_fresh")
     assert len({row["request_fingerprint"] for row in before.values()}) == 1
     assert len({row["input_hash"] for row in before.values()}) == 6
