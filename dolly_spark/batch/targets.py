@@ -32,7 +32,6 @@ def validate(spark: SparkSession, config) -> tuple[DataFrame, Request, EngineCon
     results = result_schema(config.choices, config.schema)  # a schema without a JSON form fails here, named
     engine = EngineConfig(engine=config.engine, token_budget=config.token_budget)
     request = job_request(config, resolve_model(config.model_uri, config.prompt_format))
-    engine.check(request)
     if table_exists(spark, config.target_table):
         check_target(spark.read.table(config.target_table).schema, source.schema[config.id_col], results, config)
     return source, request, engine

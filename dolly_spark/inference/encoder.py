@@ -6,7 +6,6 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from dolly_spark.inference.engines import EngineConfig
 from dolly_spark.inference.results import FINISH_ERROR, InstructionResult
 from dolly_spark.prompts import PromptFormat, encode_segments, has_context
 from dolly_spark.request import Request
@@ -54,25 +53,22 @@ def context_window(model: Any, tokenizer: Any) -> int:
     raise ValueError("cannot tell the model's context window; set max_position_embeddings in its config")
 
 
-def prompt_limit(request: Request, config: EngineConfig, window: int,
-                 choice_tokens: int | None = None) -> tuple[int, str]:
-    """The most prompt tokens a row may have, and which limit that is, in words: the least of
-    ``max_input_tokens``, the context window and the token budget, the last two less
-    ``max_new_tokens`` (a row's answer needs room in both).
+def prompt_limit(request: Request, window: int, choice_tokens: int | None = None) -> tuple[int, str]:
+    """The most prompt tokens a row may have, and which limit that is, in words: the lesser of
+    ``max_input_tokens`` and the context window less ``max_new_tokens`` (the answer needs room
+    there too). With ``choice_tokens`` (the longest choice a row is scored on) the answer is that
+    many tokens instead.
 
-    With ``choice_tokens`` (the longest choice a row is scored on) the answer is that many
-    tokens instead, and the token budget is shared by one copy of the row per choice."""
+    Only the request and the model set it: the engine's token budget decides which rows run
+    together, never which are cut or refused (a row over the budget runs alone), so raising the
+    budget never changes an answer."""
     if choice_tokens is None:
         new, answer = request.max_new_tokens, f"max_new_tokens={request.max_new_tokens}"
-        budget, budget_text = config.token_budget, f"token_budget={config.token_budget}"
     else:
         new, answer = choice_tokens, f"the longest choice's {choice_tokens} tokens"
-        count = len(request.choices)
-        budget, budget_text = config.token_budget // count, f"token_budget={config.token_budget} / {count} choices"
     limits = {
         f"max_input_tokens={request.max_input_tokens}": request.max_input_tokens,
         f"the model's context window of {window} minus {answer}": window - new,
-        f"{budget_text} minus {answer}": budget - new,
     }
     reason = min(limits, key=limits.__getitem__)
     return limits[reason], reason

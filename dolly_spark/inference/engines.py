@@ -35,7 +35,8 @@ class EngineConfig:
     CUDA device and vLLM is installed, the "hf" engine otherwise (``resolve_engine``; decided on
     each executor, whose GPUs the driver may not have). ``token_budget`` bounds each
     micro-batch: rows × (longest prompt + max_new_tokens), the tokens its KV cache holds at the
-    end; a prompt never exceeds it either. ``max_batch_rows`` caps a micro-batch's rows. Within a micro-batch,
+    end; a row over it runs alone (it never cuts or refuses a row: that is the request's and the
+    model's to say). ``max_batch_rows`` caps a micro-batch's rows. Within a micro-batch,
     prompts are prefilled in groups of similar length: a row shorter than ``min_length_ratio``
     of its group's longest prompt starts a new group (0 prefills the micro-batch as one group).
     ``strategy``: "static" (the preallocated cache) or "continuous" (transformers'
@@ -65,15 +66,6 @@ class EngineConfig:
         if self.token_budget < 2 or self.max_batch_rows < 1:
             raise ValueError(f"need token_budget >= 2 and max_batch_rows >= 1; got {self.token_budget} and "
                              f"{self.max_batch_rows}")
-
-    def check(self, request: Request) -> None:
-        """Raise a ValueError unless a micro-batch under this config has room for ``request``."""
-        if self.token_budget <= request.max_new_tokens:
-            raise ValueError(
-                f"token_budget={self.token_budget} leaves no room for a prompt beside max_new_tokens="
-                f"{request.max_new_tokens}: a micro-batch holds rows x (prompt + max_new_tokens) tokens; "
-                "raise token_budget or lower max_new_tokens"
-            )
 
 
 class Rows(NamedTuple):

@@ -27,9 +27,8 @@ class PreparedRequest:
 
     def __init__(self, engine: "InstructionEngine", request: Request):
         config = engine.config
-        config.check(request)
         self.request = request
-        self.max_prompt_tokens, limit_reason = prompt_limit(request, config, engine.window)
+        self.max_prompt_tokens, limit_reason = prompt_limit(request, engine.window)
         if self.max_prompt_tokens < 1 and request.generates:
             raise ValueError(f"no room for a prompt: {limit_reason} leaves {self.max_prompt_tokens} tokens; "
                              "lower max_new_tokens")
@@ -66,9 +65,8 @@ class PreparedRequest:
                              "sliding_window. Generate the label with json_schema and an enum instead")
         choice_ids = [answer_ids(engine.tokenizer, engine.format, choice, self.end_id) for choice in request.choices]
         scorer = ChoiceScorer(engine.model, choice_ids, engine.pad_id, engine.stats)
-        limit, reason = prompt_limit(request, engine.config, engine.window, scorer.longest_choice)
+        limit, reason = prompt_limit(request, engine.window, scorer.longest_choice)
         if limit < 1:
-            raise ValueError(f"no room for a prompt: {reason} leaves {limit} tokens; "
-                             "raise token_budget or use shorter or fewer choices")
+            raise ValueError(f"no room for a prompt: {reason} leaves {limit} tokens; use shorter choices")
         return scorer, PromptEncoder(engine.tokenizer, engine.format, limit, reason, request.on_overlong,
                                      request.seed)

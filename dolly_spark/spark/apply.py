@@ -158,7 +158,6 @@ def apply_request(df: DataFrame, request: Request, config: EngineConfig | None =
     if request.require_input and not input_col:
         raise ValueError("the request requires an input on every row; name the input column (input_col)")
     _check_columns(df, input_col, key_col, output_col)
-    config.check(request)
     if config.dtype is not None:
         from dolly_spark.inference.devices import parse_dtype
 
@@ -189,7 +188,6 @@ def count_prompts(df: DataFrame, request: Request, config: EngineConfig | None =
     tokenizer alone (no weights loaded, nothing generated). For a dry run's estimate."""
     config = config or EngineConfig()
     _check_columns(df, input_col, key_col, output_col)
-    config.check(request)
     return df.withColumn(output_col, prompt_count_udf(request, config)(*_udf_inputs(request, None, input_col, key_col)))
 
 

@@ -69,12 +69,10 @@ def test_parser_ends_the_answer_at_a_stop_key_spelled_out_as_text():
     assert (result.response, result.finish_reason, result.completion_tokens) == ("fine", "stop", 3)
 
 
-def test_prompt_limit_is_the_least_of_input_cap_window_and_budget():
-    assert prompt_limit(Request(max_new_tokens=256), EngineConfig(), window=131_072) == (4096, "max_input_tokens=4096")
-    assert prompt_limit(Request(max_new_tokens=256), EngineConfig(), window=2048) == \
+def test_prompt_limit_is_the_lesser_of_input_cap_and_window():
+    assert prompt_limit(Request(max_new_tokens=256), window=131_072) == (4096, "max_input_tokens=4096")
+    assert prompt_limit(Request(max_new_tokens=256), window=2048) == \
         (1792, "the model's context window of 2048 minus max_new_tokens=256")
-    assert prompt_limit(Request(max_new_tokens=256), EngineConfig(token_budget=1000), window=131_072) == \
-        (744, "token_budget=1000 minus max_new_tokens=256")
 
 
 class LongTokenTokenizer:
