@@ -5,26 +5,24 @@ Every result row carries the ``request_fingerprint`` of the request that produce
 that changes the answer)
 and the ``input_hash`` of the ticket text it answered. A ticket is done when the target holds a
 successful answer with the current fingerprint and input hash, or when the current request has
-already failed on it ``max_attempts`` times, or once with an error that follows from the input
-and the request alone (``input_only``: a null, empty or over-long input, which a retry of the
-same request meets again). So an edited ticket, a new instruction, a changed
+already failed on it ``max_attempts`` times, or once with an error that a retry cannot change
+(the result's ``retryable`` is false: a refused input, a greedy answer cut off or empty, which
+the same request on the same input meets again). So an edited ticket, a new instruction, a changed
 setting or a new model version reprocess exactly the rows they affect, and an unchanged rerun
 writes nothing.
 
 An error never replaces an answer: when a ticket that has a successful answer fails again, the
 answer stays and the failure is recorded beside it (``last_error``, ``attempts``,
-``last_attempt_at``, ``attempt_key``: the fingerprint and input hash of the failed request).
+``last_attempt_at``, ``attempt_key``: the fingerprint and input hash of the failed request, and
+``last_error_retryable``).
 """
 from __future__ import annotations
 
 import logging
-import operator
-from functools import reduce
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from dolly_spark.inference.encoder import INPUT_ERROR_PREFIXES
 from dolly_spark.inference.engines import ENGINES
 from dolly_spark.spark.udf import ADDED_RESULT_FIELDS
 
@@ -38,6 +36,7 @@ TRACKING_COLUMNS = {
     "attempts": "INT",
     "last_error": "STRING",
     "last_attempt_at": "TIMESTAMP",
+    "last_error_retryable": "BOOLEAN",
 }
 
 
@@ -46,11 +45,11 @@ def input_hash(text: Column) -> Column:
     return F.sha2(F.coalesce(text, F.lit("")), 256)
 
 
-def input_only(error: Column) -> Column:
-    """True for a row error that the same request on the same input meets again, so retrying it
-    cannot succeed (see ``INPUT_ERROR_PREFIXES``); false for other errors, null for no error.
-    Errors joined for a row (a label's and an answer's) start with the first one's words."""
-    return reduce(operator.or_, [error.startswith(prefix) for prefix in INPUT_ERROR_PREFIXES])
+def cannot_pass(error: Column, retryable: Column) -> Column:
+    """True for a row error that a retry of the same request on the same input cannot change (its
+    engine said so: ``InstructionResult.retryable``); an error recorded before that flag existed
+    is retried."""
+    return error.isNotNull() & F.coalesce(~retryable, F.lit(False))
 
 
 def attempt_key(fingerprint: Column, hashed_input: Column) -> Column:
@@ -80,7 +79,7 @@ def pending(tickets: DataFrame, target: DataFrame | None, id_col: str, fingerpri
     answered = ((F.col("t.request_fingerprint") == fingerprint) & (F.col("t.input_hash") == F.col("s.input_hash"))
                 & F.col("t.error").isNull())
     given_up = (F.col("t.attempt_key") == current_key) & (
-        (F.col("t.attempts") >= max_attempts) | F.coalesce(input_only(F.col("t.last_error")), F.lit(False)))
+        (F.col("t.attempts") >= max_attempts) | cannot_pass(F.col("t.last_error"), F.col("t.last_error_retryable")))
     done_condition = (F.col(f"s.{id_col}") == F.col(f"t.{id_col}")) & (answered | given_up)
     return tickets.alias("s").join(target.alias("t"), done_condition, "left_anti")
 
@@ -120,18 +119,20 @@ def merge_results(spark: SparkSession, staged: DataFrame, target: str, id_col: s
     attempts = "CASE WHEN t.attempt_key = s.attempt_key AND t.attempts IS NOT NULL THEN t.attempts + 1 ELSE 1 END"
     attempt = {"attempts": attempts, "last_attempt_at": "s.processed_at", "attempt_key": "s.attempt_key"}
     everything = {name: f"s.`{name}`" for name in staged.columns if name not in attempt}
+    succeeded = {"last_error": "NULL", "last_error_retryable": "NULL"}
+    failed = {"last_error": "s.error", "last_error_retryable": "s.retryable"}
     quoted = lambda assignments: {f"`{name}`": value for name, value in assignments.items()}  # noqa: E731
     same_id = F.col(f"t.`{id_col}`").eqNullSafe(F.col(f"s.`{id_col}`"))
     (
         DeltaTable.forName(spark, target).alias("t")
         .merge(staged.alias("s"), same_id if target_range is None else target_range & same_id)
         # A success replaces whatever was there.
-        .whenMatchedUpdate("s.error IS NULL", quoted({**everything, **attempt, "last_error": "NULL"}))
+        .whenMatchedUpdate("s.error IS NULL", quoted({**everything, **attempt, **succeeded}))
         # A failure beside a good answer: the answer stays, the failure is recorded.
-        .whenMatchedUpdate("t.error IS NULL AND t.response IS NOT NULL", quoted({**attempt, "last_error": "s.error"}))
+        .whenMatchedUpdate("t.error IS NULL AND t.response IS NOT NULL", quoted({**attempt, **failed}))
         # A failure where there is no answer to keep.
-        .whenMatchedUpdate(set=quoted({**everything, **attempt, "last_error": "s.error"}))
-        .whenNotMatchedInsert(values=quoted({**everything, **attempt, "attempts": "1", "last_error": "s.error"}))
+        .whenMatchedUpdate(set=quoted({**everything, **attempt, **failed}))
+        .whenNotMatchedInsert(values=quoted({**everything, **attempt, "attempts": "1", **failed}))
         .execute()
     )
 
@@ -176,7 +177,7 @@ def chunk_totals(staged: DataFrame, target: DataFrame | None, id_col: str, max_a
         F.sum("completion_tokens").alias("completion_tokens"),
         F.sum(F.when(retry, 1).otherwise(0)).alias("retried"),
         F.sum(F.when(retry & F.col("error").isNull(), 1).otherwise(0)).alias("recovered"),
-        F.sum(F.when(F.col("error").isNotNull() & ((attempts_now >= max_attempts) | input_only(F.col("error"))), 1)
+        F.sum(F.when(F.col("error").isNotNull() & ((attempts_now >= max_attempts) | cannot_pass(F.col("error"), F.col("retryable"))), 1)
               .otherwise(0)).alias("given_up"),
         *[F.sum(F.when(F.col("engine") == name, 1).otherwise(0)).alias(f"rows_engine_{name}") for name in ENGINES],
     ).first()

@@ -16,13 +16,6 @@ from dolly_spark.request import Request
 # ticket at the limit costs.
 MAX_CHARS_PER_TOKEN = 16
 
-# How the errors of rows refused before generation begin: a null or empty input or instruction,
-# a prompt over the limit. They follow from the row's input and the request alone, so the same
-# request on the same input meets them again (``dolly_spark.batch.incremental`` does not retry
-# them). Every other row error (an out-of-memory row, a structured answer cut off) may pass.
-INPUT_ERROR_PREFIXES = ("input is ", "instruction is ", "prompt has ")
-
-
 @dataclass
 class EncodedRow:
     """One row ready to generate: its position in the input, its prompt ids, whether its input
@@ -32,6 +25,13 @@ class EncodedRow:
     ids: list[int]
     truncated: bool
     seed: int
+
+
+def refused(error: str, prompt_tokens: int = 0) -> InstructionResult:
+    """The result of a row refused before generation (a null or empty input or instruction, a
+    prompt over the limit): it follows from the row's input and the request alone, so the same
+    request on the same input meets it again and a retry cannot help."""
+    return InstructionResult(None, FINISH_ERROR, error=error, prompt_tokens=prompt_tokens, retryable=False)
 
 
 def row_seed(base_seed: int, key: Any) -> int:
@@ -93,10 +93,10 @@ class PromptEncoder:
         """The row's prompt ids, or the error result it gets instead of generation."""
         if require_context and not (isinstance(context, str) and has_context(context)):
             what = "null" if not isinstance(context, str) else "empty"
-            return InstructionResult(None, FINISH_ERROR, error=f"input is {what}; nothing to work on")
+            return refused(f"input is {what}; nothing to work on")
         if not isinstance(instruction, str) or not instruction.strip():
             what = "null" if instruction is None or not isinstance(instruction, str) else "empty"
-            return InstructionResult(None, FINISH_ERROR, error=f"instruction is {what}; nothing to answer")
+            return refused(f"instruction is {what}; nothing to answer")
         context = context if isinstance(context, str) and has_context(context) else None
         clipped = context is not None and len(context) > self.max_context_chars
         ids = self._prompt_ids(instruction, context[: self.max_context_chars] if clipped else context)
@@ -126,11 +126,8 @@ class PromptEncoder:
         lower bound)."""
         hint = "shorten the input or raise the limit" if has_ctx else "the instruction alone is too long"
         count = f"{length}" if counted_all else f"at least {length}"
-        return InstructionResult(
-            None, FINISH_ERROR, prompt_tokens=length,
-            error=(f"prompt has {count} tokens, over the {self.max_prompt_tokens} that fit "
-                   f"({self.limit_reason}); {hint}"),
-        )
+        return refused(f"prompt has {count} tokens, over the {self.max_prompt_tokens} that fit "
+                       f"({self.limit_reason}); {hint}", prompt_tokens=length)
 
     def _truncate_context(self, instruction: str, context: str) -> list[int] | None:
         """Cut the context from its end until the prompt fits; None when even no context is too long."""

@@ -233,7 +233,7 @@ class InstructionEngine:
         if len(batch) == 1:
             log.warning("row %d ran out of memory on its own: %s", batch[0].index, error)
             return [InstructionResult(None, FINISH_ERROR, error=error, prompt_tokens=len(batch[0].ids),
-                                      truncated=batch[0].truncated)]
+                                      truncated=batch[0].truncated, retryable=True)]
         log.warning("micro-batch of %d rows ran out of memory (%s); splitting and retrying", len(batch), error)
         half = len(batch) // 2
         return self._run_or_split(batch[:half], work) + self._run_or_split(batch[half:], work)
@@ -241,10 +241,7 @@ class InstructionEngine:
     def _generate_batch(self, prepared: PreparedRequest, batch: list[EncodedRow]) -> list[InstructionResult]:
         tokens = self._generate(prepared, batch)
         request = prepared.request
-        if request.json_schema is not None:
-            return [self.parser.parse_json(row, row_tokens, request.max_new_tokens)
-                    for row, row_tokens in zip(batch, tokens)]
-        return [self.parser.parse(row, row_tokens) for row, row_tokens in zip(batch, tokens)]
+        return [parse_answer(self.parser, request, row, row_tokens) for row, row_tokens in zip(batch, tokens)]
 
     def _generate(self, prepared: PreparedRequest, batch: list[EncodedRow]) -> list[list[int]]:
         request = prepared.request
@@ -289,6 +286,13 @@ def run_rows(engine: Any, rows: Rows, request: Request) -> list[InstructionResul
     return results
 
 
+def parse_answer(parser: ResponseParser, request: Request, row: EncodedRow, tokens: list[int]) -> InstructionResult:
+    """A generated row's result from its tokens: JSON checked under ``json_schema``."""
+    if request.json_schema is not None:
+        return parser.parse_json(row, tokens, request.max_new_tokens, request.sampling)
+    return parser.parse(row, tokens, request.sampling)
+
+
 def _columns(rows: Rows) -> tuple[list[Any], list[Any], list[Any]]:
     """(instructions, contexts, keys) of ``rows`` as lists of one length (None where not given)."""
     instructions = list(rows.instructions)
@@ -329,9 +333,13 @@ def _encoded_results(results: list[InstructionResult | None], encoded: list[Enco
 def _with_label(answer: InstructionResult, label: InstructionResult) -> InstructionResult:
     """A row's generated answer with its scored label: the label's fields added, both prompts
     counted, and either part's error kept (a row refused for its input says so once)."""
+    failed = [part for part in (answer, label) if part.error]
     errors = [answer.error] if answer.error else []
     if label.error and label.error != answer.error:
         errors.append(f"choices: {label.error}")
-    return replace(answer, error="; ".join(errors) or None, prompt_tokens=answer.prompt_tokens + label.prompt_tokens,
+    # A retry helps only where every failed part may pass on it.
+    retryable = all(part.retryable for part in failed) if failed else None
+    return replace(answer, error="; ".join(errors) or None, retryable=retryable,
+                   prompt_tokens=answer.prompt_tokens + label.prompt_tokens,
                    truncated=answer.truncated or label.truncated, label=label.label,
                    label_probability=label.label_probability, choice_probabilities=label.choice_probabilities)

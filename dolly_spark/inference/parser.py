@@ -41,11 +41,13 @@ class ResponseParser:
         return cls(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), key_stop_ids, eos_ids, stop_strings,
                    lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
 
-    def parse_json(self, row: EncodedRow, tokens: Sequence[int], max_new_tokens: int) -> InstructionResult:
+    def parse_json(self, row: EncodedRow, tokens: Sequence[int], max_new_tokens: int,
+                   sampled: bool) -> InstructionResult:
         """A schema-constrained answer: its JSON text as ``response`` when it parses; otherwise
         the raw text (None when empty) with an error saying why, e.g. that ``max_new_tokens``
-        cut it off. Stop strings are not looked for: the grammar ended the answer, and a JSON
-        string may quote "### End"."""
+        cut it off, retryable only when ``sampled`` (a greedy answer comes out the same again).
+        Stop strings are not looked for: the grammar ended the answer, and a JSON string may
+        quote "### End"."""
         kept, finish, completion_tokens = cut_at_stop(tokens, self.key_stop_ids, self.eos_ids)
         text = self.decode_exact(kept).strip()
         error = None
@@ -55,9 +57,12 @@ class ResponseParser:
             why = (f"cut off by max_new_tokens={max_new_tokens}; raise max_new_tokens" if finish == FINISH_LENGTH
                    else f"the model ended it ('{finish}') before it was complete")
             error = f"answer is not complete JSON: {why}"
-        return InstructionResult(text or None, finish, error, len(row.ids), completion_tokens, row.truncated)
+        return InstructionResult(text or None, finish, error, len(row.ids), completion_tokens, row.truncated,
+                                 retryable=sampled if error else None)
 
-    def parse(self, row: EncodedRow, tokens: Sequence[int]) -> InstructionResult:
+    def parse(self, row: EncodedRow, tokens: Sequence[int], sampled: bool) -> InstructionResult:
+        """A generated answer: the text before the first stop; an empty one is an error,
+        retryable only when ``sampled`` (a greedy answer comes out the same again)."""
         kept, finish, completion_tokens = cut_at_stop(tokens, self.key_stop_ids, self.eos_ids)
         text = self.decode(kept)
         for stop in self.stop_strings:
@@ -67,5 +72,5 @@ class ResponseParser:
         if not text:
             return InstructionResult(None, finish, error=f"empty response: the model produced no text before '{finish}'",
                                      prompt_tokens=len(row.ids), completion_tokens=completion_tokens,
-                                     truncated=row.truncated)
+                                     truncated=row.truncated, retryable=sampled)
         return InstructionResult(text, finish, None, len(row.ids), completion_tokens, row.truncated)

@@ -16,6 +16,10 @@ class InstructionResult:
     ``choice_probabilities`` (every choice's, in the order of the request's ``choices``, summing to
     1); with choices alone ``response`` is the label too. With ``json_schema``: ``response`` is
     the JSON text when it parses; otherwise the raw text, with ``error`` saying why.
+
+    ``retryable`` (with an error) says whether running the same request on the same input again
+    could change it, as decided where the error was made: a refused input or a greedy answer
+    cut off comes out the same every time; an out-of-memory row or a sampled answer may not.
     """
 
     response: str | None
@@ -27,6 +31,7 @@ class InstructionResult:
     label: str | None = None
     label_probability: float | None = None
     choice_probabilities: list[float] | None = None
+    retryable: bool | None = None
 
 
 @dataclass

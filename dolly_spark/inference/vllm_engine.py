@@ -32,7 +32,7 @@ from typing import Any
 from dolly_spark.inference.choices import choice_results
 from dolly_spark.inference.devices import select_device, select_dtype
 from dolly_spark.inference.encoder import EncodedRow
-from dolly_spark.inference.engine import InstructionEngine, choice_rewrite, schema_rewrite, run_rows
+from dolly_spark.inference.engine import InstructionEngine, choice_rewrite, parse_answer, schema_rewrite, run_rows
 from dolly_spark.inference.engines import EngineConfig, Rows
 from dolly_spark.inference.prepared import PreparedRequest
 from dolly_spark.inference.repetition import REPETITION_ARG
@@ -127,11 +127,9 @@ class VllmEngine:
                                                      instructions, contexts, keys)
         if encoded:
             outputs = self._generate([row.ids for row in encoded], [self._sampling(request, row) for row in encoded])
-            parser = self.encoding.parser
             for row, output in zip(encoded, outputs):
-                tokens = _completion_tokens(output.outputs[0])
-                results[row.index] = (parser.parse_json(row, tokens, request.max_new_tokens)
-                                      if request.json_schema is not None else parser.parse(row, tokens))
+                results[row.index] = parse_answer(self.encoding.parser, request, row,
+                                                  _completion_tokens(output.outputs[0]))
         return results  # type: ignore[return-value]
 
     def _sampling(self, request: Request, row: EncodedRow):

@@ -28,6 +28,8 @@ RESULT_SCHEMA = StructType(
         StructField("model_name", StringType()),
         StructField("model_version", StringType()),
         StructField("engine", StringType()),
+        # With an error: whether the same request on the same input may give another result.
+        StructField("retryable", BooleanType()),
     ]
 )
 
@@ -44,7 +46,7 @@ PROMPT_COUNT_SCHEMA = StructType(
 
 # Result fields added after targets were first written: a target that lacks one gains it (null in
 # the rows written before) at its next MERGE (``incremental.merge_results``).
-ADDED_RESULT_FIELDS = ("engine",)
+ADDED_RESULT_FIELDS = ("engine", "retryable")
 
 
 def result_schema(choices: Sequence[str] | None = None, schema: str | StructType | None = None) -> StructType:
@@ -80,6 +82,7 @@ def results_frame(results, spec: ModelSpec, engine_name: str, labels: bool = Fal
     frame["model_name"] = spec.name
     frame["model_version"] = spec.version
     frame["engine"] = engine_name
+    frame["retryable"] = [r.retryable if r.error else None for r in results]
     if labels:
         frame["label"] = [r.label for r in results]
         frame["label_probability"] = [r.label_probability for r in results]

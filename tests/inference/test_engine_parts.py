@@ -56,16 +56,31 @@ def test_cut_at_the_first_stop_counts_the_stop_token():
 
 def test_parser_builds_results_and_flags_empty_answers():
     row = EncodedRow(index=0, ids=[5] * 12, truncated=True, seed=0)
-    done = parser().parse(row, [7, 8, 27, 27, STOP_KEY, EOS])
+    done = parser().parse(row, [7, 8, 27, 27, STOP_KEY, EOS], sampled=False)
     assert (done.response, done.finish_reason, done.completion_tokens, done.prompt_tokens, done.truncated) == \
         ("hi", "stop", 5, 12, True)
-    empty = parser().parse(row, [27, EOS])
+    assert done.retryable is None  # no error, nothing to retry
+    empty = parser().parse(row, [27, EOS], sampled=False)
     assert empty.response is None and empty.finish_reason == "eos" and empty.error.startswith("empty response")
+
+
+def test_an_error_is_retryable_only_where_a_retry_can_change_it():
+    row = EncodedRow(index=0, ids=[5] * 12, truncated=False, seed=0)
+    # A greedy answer comes out the same on every run: empty, or JSON cut off by max_new_tokens.
+    assert parser().parse(row, [27, EOS], sampled=False).retryable is False
+    assert parser().parse(row, [27, EOS], sampled=True).retryable is True
+    cut = parser().parse_json(row, [7, 8], max_new_tokens=2, sampled=False)
+    assert cut.error.startswith("answer is not complete JSON: cut off") and cut.retryable is False
+    assert parser().parse_json(row, [7, 8], max_new_tokens=2, sampled=True).retryable is True
+    # Refused input follows from the input and the request alone.
+    encoder = PromptEncoder(LongTokenTokenizer(), get_format("plain"), 10, "max_input_tokens=10", "error", 0)
+    assert [encoder.encode(0, None, "x", key=None).retryable, encoder.encode(0, "Sum.", "x" * 1000, key=None).retryable,
+            encoder.encode(0, "Sum.", None, key=None, require_context=True).retryable] == [False] * 3
 
 
 def test_parser_ends_the_answer_at_a_stop_key_spelled_out_as_text():
     ends_in_text = ResponseParser(lambda ids: "fine\n### Instruction:\nmore", {STOP_KEY}, {EOS}, ("### Instruction:",))
-    result = ends_in_text.parse(EncodedRow(0, [1], False, 0), [1, 2, 3])
+    result = ends_in_text.parse(EncodedRow(0, [1], False, 0), [1, 2, 3], sampled=False)
     assert (result.response, result.finish_reason, result.completion_tokens) == ("fine", "stop", 3)
 
 

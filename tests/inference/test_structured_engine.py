@@ -240,6 +240,19 @@ def test_choices_and_schema_together_give_a_label_and_a_json_answer(tiny_chat):
     assert refused.label is None and refused.label_probability is None and refused.choice_probabilities is None
 
 
+def test_a_row_refused_for_its_label_alone_is_not_retryable(tiny_chat):
+    instructions, contexts = ROWS[0][:1], ROWS[1][:1]
+    # A short schema and many choices: the label's prompt (which lists the choices) is the longer.
+    choices, schema = tuple(f"team {name}" for name in "abcdefghijkl"), '{"type": "boolean"}'
+    label, answer = (engine_for(tiny_chat, "chat", **part).run(instructions, contexts)[0].prompt_tokens
+                     for part in ({"choices": choices}, {"json_schema": schema, "max_new_tokens": 8}))
+    assert label > answer
+    result = engine_for(tiny_chat, "chat", choices=choices, json_schema=schema, max_new_tokens=8, on_overlong="error",
+                        max_input_tokens=answer).run(instructions, contexts)[0]
+    assert result.error.startswith("choices: prompt has ") and result.response is not None
+    assert result.retryable is False  # the answer ran; the label cannot fit on any retry
+
+
 def test_out_of_memory_while_scoring_splits_the_batch(tiny_model, monkeypatch):
     instructions, contexts = ROWS[0][:6], ROWS[1][:6]
     engine = engine_for(tiny_model, choices=CHOICES, token_budget=100_000)
@@ -255,6 +268,7 @@ def test_out_of_memory_while_scoring_splits_the_batch(tiny_model, monkeypatch):
     monkeypatch.setattr(engine.scorer, "log_probs", log_probs_on_a_small_gpu)
     results = engine.run(instructions, contexts)
     assert results[2].finish_reason == "error" and "OutOfMemoryError" in results[2].error
+    assert results[2].retryable is True  # on a retry, the row may land in a batch that fits
     assert results[2].label is None
     assert [r.label for i, r in enumerate(results) if i != 2] == [r.label for i, r in enumerate(expected) if i != 2]
 
