@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
 	$(PY) -m benchmarks.job_scale
 	$(PY) -m benchmarks.structured
+	$(PY) -m benchmarks.choices_engines
 
 clean:
 	rm -rf $(VENV) .dolly_spark

@@ -2,7 +2,7 @@
 
 A dry run selects the pending tickets exactly as a run does (the same fingerprints, retry rules
 and cap, ``incremental`` and ``staging.first_rows``), counts their prompt tokens on the
-executors with the model's tokenizer and no weights (``InstructionEngine.encode_only``: the
+executors with the model's tokenizer and no weights (``RowEncoder.encode_only``: the
 counts a run's results carry), and writes nothing to the target. Time comes from a measured
 rate: the last MLflow run of the same request (model version, instruction, settings) with the
 same engine on the same kind of executors, or else a calibration run that generates a few
@@ -244,7 +244,7 @@ def build(spark: SparkSession, pending: DataFrame, target: DataFrame | None, con
 
 def _count_tokens(estimate: Estimate, tickets: DataFrame, config, request: Request, engine: EngineConfig) -> None:
     """Prompt-token statistics of ``tickets`` on the executors, in one pass, and a histogram."""
-    counted = count_prompts(tickets, request, engine, input_col=config.text_col, key_col=config.id_col,
+    counted = count_prompts(tickets, request, input_col=config.text_col, key_col=config.id_col,
                             output_col="_prompt").select("_prompt.*").cache()
     try:
         totals = counted.agg(

@@ -1,15 +1,17 @@
 """JSON-schema constrained generation: a logits processor that lets each row write only what
 the schema allows, then only the answer's end token.
 
-The grammar comes from llguidance (``llguidance.LLMatcher.grammar_from_json_schema``): a
-maintained constrained-decoding library, Rust with no Python dependencies, that reads a fast
-Hugging Face tokenizer as is. The schema is compiled once per engine (``JsonGrammar``); each row
-of a micro-batch gets its own matcher, copied from the compiled one, that follows the row's
-tokens. The JSON is compact (no free whitespace between tokens), so a weak model cannot spend
-its ``max_new_tokens`` on spaces.
+The grammar is llguidance's (a maintained constrained-decoding library, Rust with no Python
+dependencies, that reads a fast Hugging Face tokenizer as is): ``answer_grammar``, the schema's
+JSON followed by the answer's end token, which the "vllm" engine hands to vLLM's guidance
+backend as it is, so both engines end an answer on the same token. The schema is compiled once
+per engine (``JsonGrammar``); each row of a micro-batch gets its own matcher, copied from the
+compiled one, that follows the row's tokens. The JSON is compact (no free whitespace between
+tokens), so a weak model cannot spend its ``max_new_tokens`` on spaces.
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import llguidance.hf
@@ -17,6 +19,15 @@ import torch
 from llguidance import LLExecutor, LLMatcher
 from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask_par
 from transformers import LogitsProcessor
+
+
+def answer_grammar(json_schema: str, end_id: int) -> str:
+    """A structured answer as an llguidance Lark grammar: compact JSON under ``json_schema``,
+    then the token ``end_id`` (``### End`` for Dolly, the end of turn for chat), and nothing else."""
+    schema = json.loads(json_schema)
+    if isinstance(schema, dict):
+        schema = {**schema, "x-guidance": {"whitespace_flexible": False}}
+    return f"start: answer <[{end_id}]>\nanswer: %json {json.dumps(schema)}\n"
 
 
 class JsonGrammar:
@@ -30,7 +41,10 @@ class JsonGrammar:
         except ValueError as exc:
             raise ValueError(f"json_schema needs a fast (Rust) tokenizer; {type(tokenizer).__name__}: {exc}") from None
         # Compact separators and no whitespace runs: the answer is e.g. {"a":1,"b":"x"}.
-        grammar = LLMatcher.grammar_from_json_schema(json_schema, overrides={"whitespace_flexible": False})
+        try:
+            grammar = llguidance.grammar_from("grammar", answer_grammar(json_schema, end_id))
+        except ValueError as exc:  # not JSON at all
+            raise ValueError(f"json_schema cannot be used to constrain answers: {exc}") from None
         failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, ll_tokenizer)
         if failed:
             raise ValueError(f"json_schema cannot be used to constrain answers: {messages[0]}")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import sys
 from typing import ContextManager
 
 import torch
@@ -13,6 +15,24 @@ def select_device(gpu_index: int | None = None) -> torch.device:
     if not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", gpu_index if gpu_index is not None else 0)
+
+
+def make_only_visible_gpu(gpu_index: int) -> None:
+    """Make the task's GPU the only one this process sees, for an engine that runs on the first
+    visible one (vLLM). CUDA reads the setting when it starts, so this must come before any CUDA
+    call of the process; where CUDA has started already (a Python worker that ran the "hf"
+    engine on a GPU), it cannot change, which is said on stderr (the executor's log)."""
+    # From here on, asking whether CUDA is available does not start it (PyTorch asks NVML).
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if torch.cuda.is_initialized() and visible != str(gpu_index):
+        sys.stderr.write(f"dolly_spark: WARNING CUDA is already started in this process (pid {os.getpid()}), so "
+                         f"vLLM runs on its first visible GPU, not necessarily the task's GPU {gpu_index}; run one "
+                         "engine per cluster, or restart the executor's Python workers\n")
+        return
+    # The task's address is an index into the devices visible to the executor.
+    devices = visible.split(",") if visible else None
+    os.environ["CUDA_VISIBLE_DEVICES"] = devices[gpu_index] if devices and gpu_index < len(devices) else str(gpu_index)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -40,9 +40,8 @@ def row_seed(base_seed: int, key: Any) -> int:
     return int(digest[:15], 16)
 
 
-def context_window(model: Any, tokenizer: Any) -> int:
-    """The longest sequence the model takes, from its config or, failing that, its tokenizer."""
-    config = model.config
+def context_window(config: Any, tokenizer: Any) -> int:
+    """The longest sequence a model takes, from its config or, failing that, its tokenizer."""
     for attribute in ("max_position_embeddings", "n_positions", "max_sequence_length"):
         value = getattr(config, attribute, None)
         if isinstance(value, int) and value > 0:

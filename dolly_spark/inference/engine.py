@@ -1,7 +1,8 @@
 """The instruction engine: prompts in, one structured result per row out, batched on the model.
 
 Runs without Spark. ``InstructionEngine.run`` is a short composition of the parts in
-``dolly_spark.inference``: the encoder turns each row into prompt ids (guarding lengths), the
+``dolly_spark.inference``: the row encoder (``row_encoder``, shared with every engine) turns
+each row into prompt ids (guarding lengths), the
 planner sorts rows by token length and cuts micro-batches under a token budget, a generator
 backend (static or continuous batching) generates each micro-batch, and the parser turns each
 row's tokens into a response and a finish reason; results come back in input order.
@@ -25,35 +26,27 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import replace
 from typing import Any, Callable
 
 import torch
 
 from dolly_spark.inference.choices import choice_results
 from dolly_spark.inference.devices import is_out_of_memory, select_device, select_dtype
-from dolly_spark.inference.encoder import EncodedRow, PromptEncoder, context_window
+from dolly_spark.inference.encoder import EncodedRow
 from dolly_spark.inference.engines import EngineConfig, Rows
 from dolly_spark.inference.parser import ResponseParser
 from dolly_spark.inference.planner import choice_batches, micro_batches
 from dolly_spark.inference.prepared import PreparedRequest
 from dolly_spark.inference.ragged_attention import ragged_attention
-from dolly_spark.inference.results import FINISH_ERROR, FINISH_PENDING, EngineStats, InstructionResult
-from dolly_spark.prompts import (
-    PromptFormat,
-    choice_instruction,
-    dolly_key_ids,
-    eos_token_ids,
-    get_format,
-    infer_format_name,
-    schema_instruction,
-)
+from dolly_spark.inference.results import FINISH_ERROR, EngineStats, InstructionResult
+from dolly_spark.inference.row_encoder import RowEncoder, combined, row_columns
+from dolly_spark.prompts import PromptFormat
 from dolly_spark.request import Request
 
 log = logging.getLogger(__name__)
 
 # Requests whose prepared parts an engine keeps: a worker runs one request at a time, and a
-# grammar or a choice encoding is worth keeping between its Arrow batches.
+# grammar is worth keeping between its Arrow batches.
 PREPARED_REQUESTS_KEPT = 4
 
 
@@ -68,17 +61,12 @@ class InstructionEngine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
-        if prompt_format is None or prompt_format == "auto":
-            prompt_format = infer_format_name(tokenizer)
-        self.format = get_format(prompt_format, tokenizer) if isinstance(prompt_format, str) else prompt_format
+        self.rows = RowEncoder.for_model(model, tokenizer, prompt_format)
+        # The row encoder's, read here by the backends, the benchmarks and the tests.
+        self.format, self.window, self.pad_id = self.rows.format, self.rows.window, self.rows.pad_id
+        self.key_stop_ids, self.eos_ids, self.parser = self.rows.key_stop_ids, self.rows.eos_ids, self.rows.parser
         self.device = next(model.parameters()).device
-        self.window = context_window(model, tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.key_stop_ids = dolly_key_ids(tokenizer) if self.format.name == "dolly" else set()
-        self.eos_ids = eos_token_ids(model, tokenizer)
         self.stats = EngineStats()
-        self.parser = ResponseParser.for_tokenizer(tokenizer, self.key_stop_ids, self.eos_ids,
-                                                   self.format.stop_strings())
         self._prepared: OrderedDict[Request, PreparedRequest] = OrderedDict()
 
     @classmethod
@@ -95,32 +83,13 @@ class InstructionEngine:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=select_dtype(device, config.dtype)).to(device)
         return cls(model, tokenizer, prompt_format, config)
 
-    @classmethod
-    def without_weights(cls, path: str, tokenizer_path: str | None = None,
-                        prompt_format: str | PromptFormat | None = None,
-                        config: EngineConfig | None = None) -> "InstructionEngine":
-        """An engine that encodes exactly as ``from_pretrained``'s does and cannot generate: the
-        model is built from its config on the meta device (no weights read, no memory), with
-        the checkpoint's generation config (its end-of-sequence ids bound structured answers).
-        For ``encode_only``: counting a table's prompt tokens before a run."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-        try:
-            model.generation_config = GenerationConfig.from_pretrained(path)
-        except OSError:  # no generation_config.json: the one built from the model config stands
-            pass
-        return cls(model, tokenizer, prompt_format, config)
-
     def with_config(self, config: EngineConfig) -> "InstructionEngine":
         """An engine on this one's model and tokenizer, under another configuration."""
         return type(self)(self.model, self.tokenizer, self.format, config)
 
     @property
     def stop_ids(self) -> list[int]:
-        return sorted(self.eos_ids | self.key_stop_ids)
+        return self.rows.stop_ids
 
     def prepare(self, request: Request) -> PreparedRequest:
         """The parts this engine runs ``request`` with, built on its first call. Raises a
@@ -145,24 +114,10 @@ class InstructionEngine:
         """
         return run_rows(self, rows, request)
 
-    def encode_only(self, rows: Rows, request: Request) -> list[InstructionResult]:
-        """What ``run`` would give each row before the model runs: the error result of a row it
-        refuses (null, empty or over-long input), and for the others a result with only
-        ``prompt_tokens`` and ``truncated`` set (finish reason "pending"). The counts are the
-        ones ``run``'s results carry, so a dry run's token total is the real run's."""
-        prepared = self.prepare(request)
-        columns = _columns(rows)
-        labels = (_encoded_results(*self.encode_rows(prepared.choice_encoder, choice_rewrite(request), request,
-                                                     *columns)) if prepared.scorer else None)
-        answers = (_encoded_results(*self.encode_rows(prepared.encoder, schema_rewrite(request), request, *columns))
-                   if request.generates else None)
-        return _combined(labels, answers)
-
     def _answer(self, prepared: PreparedRequest, instructions: list[Any], contexts: list[Any],
                 keys: list[Any]) -> list[InstructionResult]:
         """Every row generated (under the schema's instruction with ``json_schema``)."""
-        results, encoded = self.encode_rows(prepared.encoder, schema_rewrite(prepared.request), prepared.request,
-                                            instructions, contexts, keys)
+        results, encoded = self.rows.encode_answers(prepared.request, (instructions, contexts, keys))
         for batch in self.micro_batches(encoded, prepared.request):
             generate = lambda rows: self._generate_batch(prepared, rows)  # noqa: E731
             for row, result in zip(batch, self._run_or_split(batch, generate)):
@@ -173,8 +128,7 @@ class InstructionEngine:
                   keys: list[Any]) -> list[InstructionResult]:
         """Every row scored against ``choices`` under the choice instruction."""
         choices = prepared.request.choices
-        results, encoded = self.encode_rows(prepared.choice_encoder, choice_rewrite(prepared.request),
-                                            prepared.request, instructions, contexts, keys)
+        results, encoded = self.rows.encode_choices(prepared.request, (instructions, contexts, keys))
         plan = choice_batches([len(row.ids) for row in encoded], self.config.token_budget, len(choices),
                               prepared.scorer.longest_choice, self.config.max_batch_rows)
         for batch in [[encoded[i] for i in rows] for rows in plan]:
@@ -182,24 +136,6 @@ class InstructionEngine:
             for row, result in zip(batch, self._run_or_split(batch, score)):
                 results[row.index] = result
         return results  # type: ignore[return-value]
-
-    @staticmethod
-    def encode_rows(encoder: PromptEncoder, rewrite: Callable[[str], str] | None, request: Request,
-                    instructions: list[Any], contexts: list[Any], keys: list[Any],
-                    ) -> tuple[list[InstructionResult | None], list[EncodedRow]]:
-        """The error results of rows refused before the model runs, and the other rows encoded;
-        ``rewrite`` extends each real instruction (a null or blank one is refused as it is)."""
-        results: list[InstructionResult | None] = [None] * len(instructions)
-        encoded: list[EncodedRow] = []
-        for index, instruction in enumerate(instructions):
-            if rewrite is not None and isinstance(instruction, str) and instruction.strip():
-                instruction = rewrite(instruction)
-            outcome = encoder.encode(index, instruction, contexts[index], keys[index], request.require_input)
-            if isinstance(outcome, InstructionResult):
-                results[index] = outcome
-            else:
-                encoded.append(outcome)
-        return results, encoded
 
     def micro_batches(self, rows: list[EncodedRow], request: Request) -> list[list[EncodedRow]]:
         """Rows sorted longest first and cut so rows × (longest prompt + max_new_tokens) stays
@@ -272,11 +208,11 @@ def run_rows(engine: Any, rows: Rows, request: Request) -> list[InstructionResul
     engine scores and generates its own way): labels, answers or both, one result per row in
     input order, timed and counted into ``engine.stats``."""
     prepared = engine.prepare(request)
-    columns = _columns(rows)
+    columns = row_columns(rows)
     started = time.perf_counter()
-    labels = engine._classify(prepared, *columns) if prepared.scorer else None
+    labels = engine._classify(prepared, *columns) if request.choices else None
     answers = engine._answer(prepared, *columns) if request.generates else None
-    results = _combined(labels, answers)
+    results = combined(labels, answers)
     seconds = time.perf_counter() - started
     engine.stats.generate_seconds += seconds
     engine.stats.rows += len(results)
@@ -291,55 +227,3 @@ def parse_answer(parser: ResponseParser, request: Request, row: EncodedRow, toke
     if request.json_schema is not None:
         return parser.parse_json(row, tokens, request.max_new_tokens, request.sampling)
     return parser.parse(row, tokens, request.sampling)
-
-
-def _columns(rows: Rows) -> tuple[list[Any], list[Any], list[Any]]:
-    """(instructions, contexts, keys) of ``rows`` as lists of one length (None where not given)."""
-    instructions = list(rows.instructions)
-    count = len(instructions)
-    contexts = list(rows.contexts) if rows.contexts is not None else [None] * count
-    if len(contexts) != count or (rows.keys is not None and len(rows.keys) != count):
-        raise ValueError("instructions, contexts and keys must have the same length")
-    keys = list(rows.keys) if rows.keys is not None else [None] * count
-    return instructions, contexts, keys
-
-
-def schema_rewrite(request: Request) -> Callable[[str], str] | None:
-    """How a generated row's instruction is extended: with the schema's, under ``json_schema``."""
-    schema = request.json_schema
-    return (lambda text: schema_instruction(text, schema)) if schema is not None else None
-
-
-def choice_rewrite(request: Request) -> Callable[[str], str]:
-    """A scored row's instruction, extended with the list of ``choices``."""
-    return lambda text: choice_instruction(text, request.choices)
-
-
-def _combined(labels: list[InstructionResult] | None, answers: list[InstructionResult] | None) -> list[InstructionResult]:
-    """One result per row from the scored labels, the generated answers, or both."""
-    if labels is None or answers is None:
-        return labels if answers is None else answers  # type: ignore[return-value]
-    return [_with_label(answer, label) for answer, label in zip(answers, labels)]
-
-
-def _encoded_results(results: list[InstructionResult | None], encoded: list[EncodedRow]) -> list[InstructionResult]:
-    """``_encode``'s outcome as one result per row: the refused rows' errors, and for each
-    encoded row its prompt length and truncation."""
-    for row in encoded:
-        results[row.index] = InstructionResult(None, FINISH_PENDING, prompt_tokens=len(row.ids), truncated=row.truncated)
-    return results  # type: ignore[return-value]
-
-
-def _with_label(answer: InstructionResult, label: InstructionResult) -> InstructionResult:
-    """A row's generated answer with its scored label: the label's fields added, both prompts
-    counted, and either part's error kept (a row refused for its input says so once)."""
-    failed = [part for part in (answer, label) if part.error]
-    errors = [answer.error] if answer.error else []
-    if label.error and label.error != answer.error:
-        errors.append(f"choices: {label.error}")
-    # A retry helps only where every failed part may pass on it.
-    retryable = all(part.retryable for part in failed) if failed else None
-    return replace(answer, error="; ".join(errors) or None, retryable=retryable,
-                   prompt_tokens=answer.prompt_tokens + label.prompt_tokens,
-                   truncated=answer.truncated or label.truncated, label=label.label,
-                   label_probability=label.label_probability, choice_probabilities=label.choice_probabilities)

@@ -102,14 +102,19 @@ def resolve_engine(name: str) -> str:
     other name is itself."""
     if name != AUTO:
         return name
+    return "vllm" if cuda_device_visible() and importlib.util.find_spec("vllm") is not None else "hf"
+
+
+def cuda_device_visible() -> bool:
+    """Whether this process sees a CUDA device, asked of NVML, not of CUDA: starting CUDA here
+    would fix the visible devices before the vllm engine makes the task's GPU the only one
+    (``devices.make_only_visible_gpu``)."""
     import os
 
     import torch
 
-    # Asked of NVML, not of CUDA: initialising CUDA here would fix the visible devices before
-    # the vllm engine makes the task's GPU the only one (see ``VllmEngine.from_pretrained``).
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None else "hf"
+    return torch.cuda.is_available()
 
 
 def engine_class(name: str) -> Any:

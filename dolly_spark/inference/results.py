@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 FINISH_STOP, FINISH_EOS, FINISH_LENGTH, FINISH_ERROR = "stop", "eos", "length", "error"
-# A row encoded and not run: ``InstructionEngine.encode_only``'s results (a dry run's counts).
+# A row encoded and not run: ``RowEncoder.encode_only``'s results (a dry run's counts).
 FINISH_PENDING = "pending"
 
 

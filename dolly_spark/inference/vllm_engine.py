@@ -2,112 +2,105 @@
 
 On GPU executors vLLM is what every peer runs (continuous batching, paged attention, prefix
 caching, CUDA graphs); our own loop reached about 4.5 % of an H100's memory roofline. This engine
-keeps every guarantee of the "hf" one by sharing its parts rather than copying them: an "hf"
-engine without weights (``InstructionEngine.without_weights``, the model on the meta device)
-encodes every row, so prompts are the same token ids and the same rows are truncated or refused,
-and its parser turns vLLM's tokens into the same responses and finish reasons. vLLM only runs the
-model:
+keeps every guarantee of the "hf" one by sharing its parts rather than copying them: the row
+encoder (``row_encoder``, no weights) encodes every row, so prompts are the same token ids and
+the same rows are truncated or refused, and its parser turns vLLM's tokens into the same
+responses and finish reasons. vLLM only runs the model:
 
 - generated rows go to ``LLM.generate`` together, as token ids, so its scheduler batches all of
   them; greedy unless the request samples, then with each row's own seed;
 - repetition control counts the answer's own tokens, as the "hf" engine's does, through a vLLM
   logits processor (``AnswerRepetition``) rather than vLLM's own penalty, which counts the prompt;
-- ``json_schema`` answers are generated under vLLM's structured outputs (llguidance, compact
-  JSON); ``choices`` are scored from prompt log-probabilities: each row's prompt followed by each
-  choice's tokens, summed, the same quantity the "hf" scorer computes.
+- ``json_schema`` answers are generated under the grammar the "hf" engine uses
+  (``constrained.answer_grammar``: compact JSON, then the answer's end token), through vLLM's
+  guidance backend;
+- ``choices`` are scored from the log-probabilities of the choices' tokens at the end of each
+  row's prompt (``choice_scores``), so each row's prompt is prefilled once and its cached blocks
+  serve every choice.
 
-vLLM runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): a Spark Python worker keeps one
-engine, and a spawned engine process would outlive a killed task.
+A batch that makes vLLM raise is split in halves until the row that raises is alone, and that
+row gets an error (``_run_or_split``). vLLM's engine core runs in a process of its own, forked
+from the Python worker and killed with it (``vllm_process``): loading a model changes the
+process that loads it (vLLM runs GPT-NeoX, the Dolly family, through its Transformers backend,
+which rewrites transformers' model classes in place), and the "hf" engine must run after it in
+the same worker.
 """
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
 from dolly_spark.inference.choices import choice_results
-from dolly_spark.inference.devices import select_device, select_dtype
+from dolly_spark.inference.devices import make_only_visible_gpu, select_device, select_dtype
 from dolly_spark.inference.encoder import EncodedRow
-from dolly_spark.inference.engine import InstructionEngine, choice_rewrite, parse_answer, schema_rewrite, run_rows
+from dolly_spark.inference.engine import parse_answer, run_rows
 from dolly_spark.inference.engines import EngineConfig, Rows
-from dolly_spark.inference.prepared import PreparedRequest
 from dolly_spark.inference.repetition import REPETITION_ARG
 from dolly_spark.inference.results import FINISH_ERROR, EngineStats, InstructionResult
+from dolly_spark.inference.row_encoder import RequestEncoding, RowEncoder
+from dolly_spark.inference.vllm_process import cpu_kv_cache_gib, dying_with_this_process
 from dolly_spark.request import Request
 
-# Read by vLLM when it is imported: keep the engine core in this process, and say only what
-# goes wrong (an executor's log is not the place for vLLM's per-load configuration dump).
-IN_PROCESS_ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING"}
-# On a CPU, unless the environment says otherwise: vLLM reserves this many GiB for its KV cache
-# (an executor runs one engine per task slot, each with its own cache), and leaves its threads
-# unpinned (pinned, every engine of an executor would bind the same cores).
-CPU_ENVIRONMENT = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+log = logging.getLogger(__name__)
+
+# Read by vLLM when it starts an engine: its engine core in a process of its own (see the module
+# docstring), and only what goes wrong in the executor's log, not its per-load configuration.
+ENGINE_ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+# On a CPU, unless the environment says otherwise: threads unpinned (pinned, every engine of an
+# executor would bind the same cores); the KV cache is sized from the model (``cpu_kv_cache_gib``).
+CPU_ENVIRONMENT = {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
 class VllmEngine:
-    """Rows through a ``vllm.LLM``; encoding and parsing through ``encoding``, an "hf" engine on
-    the same checkpoint without weights."""
+    """Rows through a ``vllm.LLM``; encoding and parsing through ``rows``, the checkpoint's row
+    encoder."""
 
     name = "vllm"
 
-    def __init__(self, llm: Any, encoding: InstructionEngine, device: Any, config: EngineConfig | None = None):
+    def __init__(self, llm: Any, rows: RowEncoder, device: Any, config: EngineConfig | None = None):
         self.llm = llm
-        self.encoding = encoding
+        self.rows = rows
         self.device = device
-        self.config = config or encoding.config
+        self.config = config or EngineConfig(engine="vllm")
         self.stats = EngineStats()
 
     @classmethod
     def from_pretrained(cls, path: str, tokenizer_path: str | None = None, prompt_format: str | None = None,
                         config: EngineConfig | None = None, gpu_index: int | None = None) -> "VllmEngine":
         """vLLM on ``path``, on the task's GPU when there is one (vLLM places itself on the first
-        visible device, so the task's becomes the only visible one), else on the CPU."""
-        config = config or EngineConfig(engine="vllm")
-        encoding = InstructionEngine.without_weights(path, tokenizer_path, prompt_format, config)
+        visible device, so the task's is made the only visible one before anything asks CUDA),
+        else on the CPU. Raises what vLLM raises when it cannot load the model."""
         if gpu_index is not None:
-            _only_visible_gpu(gpu_index)
+            make_only_visible_gpu(gpu_index)
+        config = config or EngineConfig(engine="vllm")
+        rows = RowEncoder.from_pretrained(path, tokenizer_path, prompt_format)
         device = select_device()  # the first visible: the task's GPU where there is one
-        for name, value in {**IN_PROCESS_ENVIRONMENT, **(CPU_ENVIRONMENT if device.type == "cpu" else {})}.items():
+        environment = {**ENGINE_ENVIRONMENT, **(CPU_ENVIRONMENT if device.type == "cpu" else {})}
+        dtype = select_dtype(device, config.dtype)
+        if device.type == "cpu":
+            environment["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kv_cache_gib(rows.model_config, rows.window, dtype))
+        for name, value in environment.items():
             os.environ.setdefault(name, value)
-        from vllm import LLM
-
-        from dolly_spark.inference.vllm_repetition import AnswerRepetition
-
-        dtype = str(select_dtype(device, config.dtype)).removeprefix("torch.")
-        checkpoint = _one_directory(path, tokenizer_path)
-        llm = LLM(
-            model=checkpoint, tokenizer=checkpoint, dtype=dtype, seed=0,
-            max_model_len=encoding.window, max_num_seqs=config.max_batch_rows,
-            max_num_batched_tokens=max(config.token_budget, encoding.window),
-            gpu_memory_utilization=config.gpu_memory_utilization, enable_prefix_caching=True,
-            # Compiling the model took about 100 s on a 2-core CPU, far more than it saves there.
-            enforce_eager=device.type == "cpu",
-            # The checkpoint's generation_config.json must not change answers (it may ship a
-            # repetition penalty, which the request decides); the "hf" engine ignores it too.
-            generation_config="vllm",
-            # Compact JSON, as the "hf" engine's grammar writes it.
-            structured_outputs_config={"backend": "guidance", "disable_any_whitespace": True},
-            logits_processors=[AnswerRepetition],
-        )
-        return cls(llm, encoding, device, config)
-
-    @classmethod
-    def without_weights(cls, path: str, tokenizer_path: str | None = None, prompt_format: str | None = None,
-                        config: EngineConfig | None = None) -> InstructionEngine:
-        """The engine that encodes rows for this one (a dry run's prompt counts): the same."""
-        return InstructionEngine.without_weights(path, tokenizer_path, prompt_format, config)
+        return cls(start_llm(_one_directory(path, tokenizer_path), rows, config, device, dtype), rows, device, config)
 
     def with_config(self, config: EngineConfig) -> "VllmEngine":
         """This engine under ``config``; vLLM's scheduler keeps the limits it was loaded with."""
-        return type(self)(self.llm, self.encoding.with_config(config), self.device, config)
+        return type(self)(self.llm, self.rows, self.device, config)
 
-    def prepare(self, request: Request) -> PreparedRequest:
-        """The request's encoders and choice ids, from the encoding engine."""
-        return self.encoding.prepare(request)
+    def close(self) -> None:
+        """Stop vLLM's engine process now, rather than when this engine is collected."""
+        engine_core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if engine_core is not None:
+            engine_core.shutdown()
+
+    def prepare(self, request: Request) -> RequestEncoding:
+        """The request's encoders and choice ids, from the row encoder."""
+        return self.rows.prepare(request)
 
     def run(self, rows: Rows, request: Request) -> list[InstructionResult]:
         """One result per row, in input order, as ``InstructionEngine.run`` gives them."""
@@ -116,68 +109,149 @@ class VllmEngine:
         self.stats.completion_tokens += sum(r.completion_tokens for r in results)
         return results
 
-    def encode_only(self, rows: Rows, request: Request) -> list[InstructionResult]:
-        return self.encoding.encode_only(rows, request)
-
     # ----------------------------------------------------------------------------------------
-    def _answer(self, prepared: PreparedRequest, instructions: list[Any], contexts: list[Any],
+    def _answer(self, prepared: RequestEncoding, instructions: list[Any], contexts: list[Any],
                 keys: list[Any]) -> list[InstructionResult]:
         request = prepared.request
-        results, encoded = self.encoding.encode_rows(prepared.encoder, schema_rewrite(request), request,
-                                                     instructions, contexts, keys)
+        results, encoded = self.rows.encode_answers(request, (instructions, contexts, keys))
         if encoded:
-            outputs = self._generate([row.ids for row in encoded], [self._sampling(request, row) for row in encoded])
+            outputs = self._run_or_split([row.ids for row in encoded],
+                                         [self._sampling(prepared, row) for row in encoded])
             for row, output in zip(encoded, outputs):
-                results[row.index] = parse_answer(self.encoding.parser, request, row,
-                                                  _completion_tokens(output.outputs[0]))
+                results[row.index] = (_failed(row, output) if isinstance(output, str) else
+                                      parse_answer(self.rows.parser, request, row, _completion_tokens(output.outputs[0])))
         return results  # type: ignore[return-value]
 
-    def _sampling(self, request: Request, row: EncodedRow):
+    def _sampling(self, prepared: RequestEncoding, row: EncodedRow):
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
+        from dolly_spark.inference.constrained import answer_grammar
+
+        request = prepared.request
         repetition = ({REPETITION_ARG: [request.repetition_penalty, request.no_repeat_ngram_size]}
                       if request.controls_repetition else None)
-        structured = StructuredOutputsParams(json=request.json_schema) if request.json_schema is not None else None
+        structured = (StructuredOutputsParams(grammar=answer_grammar(request.json_schema, prepared.end_id))
+                      if request.json_schema is not None else None)
         return SamplingParams(
             max_tokens=request.max_new_tokens, temperature=request.temperature,
             top_p=request.top_p if request.sampling else 1.0, top_k=request.top_k if request.sampling else 0,
-            seed=row.seed if request.sampling else None, stop_token_ids=self.encoding.stop_ids,
+            seed=row.seed if request.sampling else None, stop_token_ids=self.rows.stop_ids,
             detokenize=False, skip_special_tokens=False, structured_outputs=structured, extra_args=repetition)
 
-    def _classify(self, prepared: PreparedRequest, instructions: list[Any], contexts: list[Any],
+    def _classify(self, prepared: RequestEncoding, instructions: list[Any], contexts: list[Any],
                   keys: list[Any]) -> list[InstructionResult]:
-        """Each row's choices scored: one prompt per (row, choice), the row's prompt ids then the
-        choice's, whose prompt log-probabilities after the row's prompt sum to the choice's."""
+        """Each row's choices scored from the log-probabilities of each choice's tokens after the
+        row's prompt (``choice_scores``)."""
         import torch
+
         from vllm import SamplingParams
 
         request = prepared.request
-        results, encoded = self.encoding.encode_rows(prepared.choice_encoder, choice_rewrite(request), request,
-                                                     instructions, contexts, keys)
+        results, encoded = self.rows.encode_choices(request, (instructions, contexts, keys))
         if not encoded:
             return results  # type: ignore[return-value]
-        choice_ids = prepared.scorer.choice_ids
-        prompts = [row.ids + ids for row in encoded for ids in choice_ids]
-        # prompt_logprobs=0: each prompt token's own log-probability, nothing else.
-        scoring = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-        outputs = self._generate(prompts, [scoring] * len(prompts))
-        scores = torch.zeros((len(encoded), len(choice_ids)), dtype=torch.float64)
-        for position, output in enumerate(outputs):
-            row, choice = divmod(position, len(choice_ids))
-            start = len(encoded[row].ids)
-            logprobs = output.prompt_logprobs
-            scores[row, choice] = sum(logprobs[at][token].logprob for at, token in
-                                      enumerate(output.prompt_token_ids) if at >= start)
-        for row, result in zip(encoded, choice_results(encoded, scores, request.choices)):
-            results[row.index] = result
+        branches = choice_branches(prepared.choice_ids)
+
+        def scoring(prefix: tuple[int, ...]):
+            # One step, greedy, with the raw log-probabilities of the tokens that follow ``prefix``.
+            return SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=branches[prefix], detokenize=False)
+
+        # The prompts alone first, so that the branches' requests find them in vLLM's prefix cache.
+        roots = self._run_or_split([row.ids for row in encoded], [scoring(())] * len(encoded))
+        deeper = [prefix for prefix in branches if prefix]
+        rest = self._run_or_split([row.ids + list(prefix) for row in encoded for prefix in deeper],
+                                  [scoring(prefix) for _ in encoded for prefix in deeper])
+        scores = torch.zeros((len(encoded), len(prepared.choice_ids)), dtype=torch.float64)
+        failed: dict[int, str] = {}
+        for position, row in enumerate(encoded):
+            outputs = {(): roots[position], **dict(zip(deeper, rest[position * len(deeper):]))}
+            errors = [output for output in outputs.values() if isinstance(output, str)]
+            if errors:
+                failed[position] = errors[0]
+                continue
+            for choice, ids in enumerate(prepared.choice_ids):
+                scores[position, choice] = sum(_logprob(outputs[tuple(ids[:cut])], ids[cut]) for cut in range(len(ids)))
+        for position, (row, result) in enumerate(zip(encoded, choice_results(encoded, scores, request.choices))):
+            results[row.index] = _failed(row, failed[position]) if position in failed else result
         return results  # type: ignore[return-value]
 
+    def _run_or_split(self, prompts: list[list[int]], sampling: list[Any]) -> list[Any]:
+        """vLLM's output for each prompt (token ids), in their order; where vLLM raises, the batch
+        is split in halves and retried, so only a prompt that fails on its own gets, instead of
+        an output, the error's text. An engine that died raises: no row of it can pass."""
+        try:
+            return self._generate(prompts, sampling)
+        except Exception as exc:
+            if _engine_died(exc):
+                raise
+            error = f"{type(exc).__name__}: {exc}"
+        if len(prompts) == 1:
+            log.warning("vLLM failed on a row on its own: %s", error)
+            return [error]
+        log.warning("vLLM failed on a batch of %d rows (%s); splitting it to find the row", len(prompts), error)
+        half = len(prompts) // 2
+        return (self._run_or_split(prompts[:half], sampling[:half])
+                + self._run_or_split(prompts[half:], sampling[half:]))
+
     def _generate(self, prompts: list[list[int]], sampling: list[Any]) -> list[Any]:
-        """vLLM's outputs for ``prompts`` (token ids), in their order."""
         from vllm.inputs import TokensPrompt
 
         return self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], sampling, use_tqdm=False)
+
+
+def start_llm(checkpoint: str, rows: RowEncoder, config: EngineConfig, device: Any, dtype: Any) -> Any:
+    """A ``vllm.LLM`` on ``checkpoint`` under ``config``, its engine process dying with this one."""
+    from vllm import LLM
+
+    from dolly_spark.inference.vllm_repetition import AnswerRepetition
+
+    with dying_with_this_process():
+        return LLM(
+            model=checkpoint, tokenizer=checkpoint, dtype=str(dtype).removeprefix("torch."), seed=0,
+            max_model_len=rows.window, max_num_seqs=config.max_batch_rows,
+            max_num_batched_tokens=max(config.token_budget, rows.window),
+            gpu_memory_utilization=config.gpu_memory_utilization, enable_prefix_caching=True,
+            # Compiling the model took about 100 s on a 2-core CPU, far more than it saves there.
+            enforce_eager=device.type == "cpu",
+            # The checkpoint's generation_config.json must not change answers (it may ship a
+            # repetition penalty, which the request decides); the "hf" engine ignores it too.
+            generation_config="vllm",
+            # The grammar's own whitespace rules (compact JSON), as the "hf" engine writes it.
+            structured_outputs_config={"backend": "guidance", "disable_any_whitespace": True},
+            logits_processors=[AnswerRepetition],
+        )
+
+
+def choice_branches(choice_ids: list[list[int]]) -> dict[tuple[int, ...], list[int]]:
+    """Every proper prefix of the choices' token ids (the empty one first), with the tokens that
+    follow it in some choice: a choice's log-probability is the sum, over its prefixes, of its
+    next token's log-probability after the row's prompt and that prefix."""
+    branches: dict[tuple[int, ...], list[int]] = {}
+    for ids in choice_ids:
+        for cut in range(len(ids)):
+            following = branches.setdefault(tuple(ids[:cut]), [])
+            if ids[cut] not in following:
+                following.append(ids[cut])
+    return branches
+
+
+def _logprob(output: Any, token: int) -> float:
+    """The raw log-probability of ``token`` at the one step of a scoring output."""
+    return output.outputs[0].logprobs[0][token].logprob
+
+
+def _failed(row: EncodedRow, error: str) -> InstructionResult:
+    """The result of a row vLLM raised on, alone: an error a retry may not meet again (vLLM's
+    failures are not ours to classify), so it is retried up to ``max_attempts``."""
+    return InstructionResult(None, FINISH_ERROR, error=f"vLLM failed on this row: {error}",
+                             prompt_tokens=len(row.ids), truncated=row.truncated, retryable=True)
+
+
+def _engine_died(exc: BaseException) -> bool:
+    """True when vLLM's engine itself is gone (its process died): the task must fail and be
+    retried with a new engine, not turn every row into an error."""
+    return type(exc).__name__ == "EngineDeadError"
 
 
 def _one_directory(model_path: str, tokenizer_path: str | None) -> str:
@@ -196,22 +270,6 @@ def _one_directory(model_path: str, tokenizer_path: str | None) -> str:
                 link.unlink()
             link.symlink_to(item.resolve())
     return str(view)
-
-
-def _only_visible_gpu(gpu_index: int) -> None:
-    """Make the task's GPU the only one this process sees, as vLLM runs on the first visible
-    one. CUDA reads the setting when it starts: in a process that has started it already (a
-    Python worker that ran the "hf" engine on a GPU) it cannot change, which is said."""
-    import torch
-
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if torch.cuda.is_initialized() and visible != str(gpu_index):
-        warnings.warn(f"CUDA is already started in this process (pid {os.getpid()}), so vLLM runs on its first "
-                      f"visible GPU, not necessarily the task's GPU {gpu_index}; run one engine per cluster")
-        return
-    # The task's address is an index into the devices visible to the executor.
-    devices = visible.split(",") if visible else None
-    os.environ["CUDA_VISIBLE_DEVICES"] = devices[gpu_index] if devices and gpu_index < len(devices) else str(gpu_index)
 
 
 def _completion_tokens(completion: Any) -> list[int]:

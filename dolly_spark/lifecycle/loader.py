@@ -5,7 +5,9 @@ version, behind a file lock (parallel Python workers on one node download once) 
 atomic rename (a crashed download never looks complete); each download is recorded beside the
 files (``downloads.log``: when, which process, how long). Each load prints one line to the
 process's stderr, which on a cluster is the executor's log. The engine is the one
-``EngineConfig.engine`` names (``dolly_spark.inference.engines``).
+``EngineConfig.engine`` names (``dolly_spark.inference.engines``). Under "auto", a vLLM that
+cannot load the model (an old driver, too little memory, an architecture it lacks) gives way to
+the "hf" engine with one warning line; a vLLM named explicitly fails the task, saying why.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from dolly_spark.inference.engines import EngineConfig, engine_class, resolve_engine
+from dolly_spark.inference.engines import AUTO, EngineConfig, engine_class, resolve_engine
+from dolly_spark.inference.row_encoder import RowEncoder
 from dolly_spark.paths import model_cache_dir
 from dolly_spark.request import ModelSpec
 
@@ -31,7 +34,7 @@ DOWNLOAD_LEDGER = "downloads.log"
 _models: dict[tuple, object] = {}  # (spec, gpu, engine, dtype) -> a loaded engine; at most one entry
 _engines: dict[tuple, object] = {}  # ((spec, gpu, engine, dtype), config) -> an engine on that model
 _engines_lock = threading.Lock()
-_encoders: dict[tuple, object] = {}  # (spec, config) -> an engine without weights, for counting prompts
+_encoders: dict[ModelSpec, RowEncoder] = {}  # for counting prompts, with no weights
 _process_loads = 0  # models this process loaded, for its log lines
 
 
@@ -111,30 +114,29 @@ def load_engine(spec: ModelSpec, config: EngineConfig | None = None, gpu_index: 
     most once per process and shared by the engines of every configuration that loads it alike
     (same engine, same dtype); a different model (another version, device, dtype or engine)
     replaces it rather than sitting beside it in accelerator memory."""
+    requested = (config or EngineConfig()).engine
     config = _resolved(config)
     model_key = (spec, gpu_index, config.engine, config.dtype)
     with _engines_lock:
         engine = _engines.get((model_key, config))
         if engine is None:
             loaded = _models.get(model_key)
-            engine = loaded.with_config(config) if loaded is not None else _load(model_key, config, cache_root)
+            engine = (loaded.with_config(config) if loaded is not None
+                      else _load(model_key, config, cache_root, fall_back=requested == AUTO))
             _models[model_key] = _models.get(model_key, engine)
             _engines[(model_key, config)] = engine
     return engine
 
 
-def load_encoder(spec: ModelSpec, config: EngineConfig | None = None, cache_root: str | None = None):
-    """An engine for ``spec`` that encodes rows exactly as ``load_engine``'s and holds no
-    weights (``without_weights``): a dry run's prompt counts, on executors with or without an
-    accelerator. Its files come through the same node-local cache."""
-    config = config or EngineConfig()
+def load_row_encoder(spec: ModelSpec, cache_root: str | None = None) -> RowEncoder:
+    """The row encoder of ``spec``, which encodes rows exactly as every engine on it does and
+    holds no weights: a dry run's prompt counts, on executors with or without an accelerator.
+    Its files come through the same node-local cache."""
     with _engines_lock:
-        encoder = _encoders.get((spec, config))
+        encoder = _encoders.get(spec)
         if encoder is None:
             model_path, tokenizer_path = local_model_paths(spec, cache_root)
-            encoder = engine_class(config.engine).without_weights(model_path, tokenizer_path, spec.prompt_format,
-                                                                  config)
-            _encoders[(spec, config)] = encoder
+            encoder = _encoders[spec] = RowEncoder.from_pretrained(model_path, tokenizer_path, spec.prompt_format)
     return encoder
 
 
@@ -146,7 +148,7 @@ def forget_model(spec: ModelSpec, config: EngineConfig | None = None, gpu_index:
     config = _resolved(config)
     model_key = (spec, gpu_index, config.engine, config.dtype)
     with _engines_lock:
-        _models.pop(model_key, None)
+        _close(_models.pop(model_key, None))
         for key in [key for key in _engines if key[0] == model_key]:
             del _engines[key]
 
@@ -158,29 +160,61 @@ def _resolved(config: EngineConfig | None) -> EngineConfig:
     return dataclasses.replace(config, engine=resolve_engine(config.engine))
 
 
-def _load(model_key: tuple, config: EngineConfig, cache_root: str | None):
-    """Load a model, after dropping the one loaded before (there is at most one per process)."""
+def _load(model_key: tuple, config: EngineConfig, cache_root: str | None, fall_back: bool):
+    """Load a model, after dropping the one loaded before (there is at most one per process);
+    with ``fall_back``, the "hf" engine where vLLM cannot load it."""
+    for loaded in _models.values():
+        _close(loaded)
     _models.clear()
     _engines.clear()
     _release_accelerator_memory()
     spec, gpu_index, _, _ = model_key
     started = time.perf_counter()
     model_path, tokenizer_path = local_model_paths(spec, cache_root)
-    engine = engine_class(config.engine).from_pretrained(model_path, tokenizer_path, spec.prompt_format, config,
-                                                         gpu_index)
+    try:
+        engine = engine_class(config.engine).from_pretrained(model_path, tokenizer_path, spec.prompt_format, config,
+                                                             gpu_index)
+    except Exception as exc:
+        if config.engine != "vllm":
+            raise
+        cause = _first_line(exc)
+        if not fall_back:
+            raise RuntimeError(f"vLLM could not load {spec.name} version {spec.version} ({spec.uri}): {cause}. Run it "
+                               'with engine="hf" (--engine hf), or with "auto", which falls back to hf') from exc
+        _log_line(f"WARNING vLLM could not load {spec.name} version {spec.version} ({cause}); running it with "
+                  "engine hf")
+        config = dataclasses.replace(config, engine="hf")
+        engine = engine_class("hf").from_pretrained(model_path, tokenizer_path, spec.prompt_format, config, gpu_index)
     # stderr, not logging: Spark's Python workers configure no log handler, and their stderr
     # lands in the executor's log.
     # Numbered per process, so a log that repeats a line (an executor's log may) still shows
     # whether one process loaded twice.
     global _process_loads
     _process_loads += 1
-    # One write, line and newline together: print writes them apart, and a thread of the engine
-    # (vLLM logs from its own) could land its line in between, leaving this one unterminated.
-    sys.stderr.write(f"dolly_spark: loaded {spec.name} version {spec.version} with engine {config.engine} on "
-                     f"{engine.device} in {time.perf_counter() - started:.1f}s (host {socket.gethostname()}, "
-                     f"pid {os.getpid()}, load {_process_loads} of this process)\n")
-    sys.stderr.flush()
+    _log_line(f"loaded {spec.name} version {spec.version} with engine {config.engine} on {engine.device} in "
+              f"{time.perf_counter() - started:.1f}s (host {socket.gethostname()}, pid {os.getpid()}, load "
+              f"{_process_loads} of this process)")
     return engine
+
+
+def _log_line(text: str) -> None:
+    """One line on stderr, the executor's log. One write, line and newline together: print writes
+    them apart, and a thread of an engine (vLLM logs from its own) could land its line in between."""
+    sys.stderr.write(f"dolly_spark: {text}\n")
+    sys.stderr.flush()
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    message = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {message[0][:300] if message else ''}"
+
+
+def _close(engine: object | None) -> None:
+    """Stop what an engine runs beside this process (vLLM's engine process), if anything."""
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close()
 
 
 def _release_accelerator_memory() -> None:
@@ -189,7 +223,9 @@ def _release_accelerator_memory() -> None:
     import torch
 
     gc.collect()
-    if torch.cuda.is_available():
+    # Only where CUDA has started: asking whether it is available could start it, before the
+    # vllm engine has made the task's GPU the only visible one.
+    if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
 
 

@@ -181,14 +181,13 @@ def apply_request(df: DataFrame, request: Request, config: EngineConfig | None =
     return answered.withColumn(output_col, F.struct(*fields, *structured_columns(raw, request.choices, struct)))
 
 
-def count_prompts(df: DataFrame, request: Request, config: EngineConfig | None = None, *, input_col: str | None = None,
-                  key_col: str | None = None, output_col: str = "prompt") -> DataFrame:
+def count_prompts(df: DataFrame, request: Request, *, input_col: str | None = None, key_col: str | None = None,
+                  output_col: str = "prompt") -> DataFrame:
     """``df`` with ``output_col``: each row's ``prompt_tokens``, ``truncated`` and refusal
-    ``error`` under ``request``, as ``apply_request`` would count them, from the model's
-    tokenizer alone (no weights loaded, nothing generated). For a dry run's estimate."""
-    config = config or EngineConfig()
+    ``error`` under ``request``, as ``apply_request`` would count them on any engine, from the
+    model's tokenizer alone (no weights loaded, nothing generated). For a dry run's estimate."""
     _check_columns(df, input_col, key_col, output_col)
-    return df.withColumn(output_col, prompt_count_udf(request, config)(*_udf_inputs(request, None, input_col, key_col)))
+    return df.withColumn(output_col, prompt_count_udf(request)(*_udf_inputs(request, None, input_col, key_col)))
 
 
 def _udf_inputs(request: Request, instructions: Column | None, input_col: str | None,

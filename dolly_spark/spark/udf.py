@@ -34,7 +34,7 @@ RESULT_SCHEMA = StructType(
 )
 
 
-# What a dry run learns of a row without running the model (``InstructionEngine.encode_only``).
+# What a dry run learns of a row without running the model (``RowEncoder.encode_only``).
 PROMPT_COUNT_SCHEMA = StructType(
     [
         StructField("prompt_tokens", IntegerType()),
@@ -114,17 +114,17 @@ def instruction_udf(request: Request, config: EngineConfig):
     return generate
 
 
-def prompt_count_udf(request: Request, config: EngineConfig):
+def prompt_count_udf(request: Request):
     """The pandas UDF (instruction, input, key) -> PROMPT_COUNT_SCHEMA: each row encoded as
     ``instruction_udf`` would encode it, by the model's tokenizer, with no weights loaded."""
 
     @pandas_udf(PROMPT_COUNT_SCHEMA)
     def count(batches: Iterator[tuple[pd.Series, pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
-        from dolly_spark.lifecycle.loader import load_encoder
+        from dolly_spark.lifecycle.loader import load_row_encoder
 
-        engine = load_encoder(request.model, config)
+        encoder = load_row_encoder(request.model)
         for instructions, contexts, keys in batches:
-            results = engine.encode_only(Rows(instructions.tolist(), contexts.tolist(), keys.tolist()), request)
+            results = encoder.encode_only(Rows(instructions.tolist(), contexts.tolist(), keys.tolist()), request)
             yield pd.DataFrame({
                 "prompt_tokens": pd.array([r.prompt_tokens for r in results], dtype="int32"),
                 "truncated": [bool(r.truncated) for r in results],

@@ -326,21 +326,23 @@ def test_settings_are_checked(tiny_model):
 
 
 @pytest.mark.parametrize("structured", [False, True])
-def test_encode_only_counts_what_run_reports_and_loads_no_weights(tiny_model_dir, structured):
+def test_the_row_encoder_counts_what_run_reports_and_loads_no_weights(tiny_model_dir, structured, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
     from dolly_spark.inference.engine import InstructionEngine
     from dolly_spark.inference.engines import Rows
+    from dolly_spark.inference.row_encoder import RowEncoder
 
     schema = '{"type": "object", "properties": {"urgency": {"type": "string"}}, "required": ["urgency"]}'
     request = Request(require_input=True, max_new_tokens=2, max_input_tokens=160,
                       choices=("billing", "shipping") if structured else (), json_schema=schema if structured else None)
     contexts = ["My thermostat resets every night.", None, "  ", "word " * 500, "Step one. " * 3]
     rows = Rows(["Summarize the ticket."] * 4 + [None], contexts, [f"T-{i}" for i in range(5)])
-    counted = InstructionEngine.without_weights(str(tiny_model_dir)).encode_only(rows, request)
     ran = InstructionEngine.from_pretrained(str(tiny_model_dir)).run(rows, request)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", None)  # any weights read would fail
+    counted = RowEncoder.from_pretrained(str(tiny_model_dir)).encode_only(rows, request)
     assert [(r.prompt_tokens, r.truncated) for r in counted] == [(r.prompt_tokens, r.truncated) for r in ran]
     # Refused: a null input, a blank one, a null instruction; cut: the long input.
     assert [r.error for r in counted] == [None, *(r.error for r in ran[1:3]), None, ran[4].error]
     assert all(r.error for r in counted[1:3] + counted[4:]) and counted[3].truncated
     assert counted[0].prompt_tokens > 0 and counted[0].finish_reason == "pending"
-    meta = InstructionEngine.without_weights(str(tiny_model_dir)).model
-    assert {parameter.device.type for parameter in meta.parameters()} == {"meta"}

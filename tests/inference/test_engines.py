@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from dolly_spark.inference.devices import make_only_visible_gpu
 from dolly_spark.inference.engines import EngineConfig, engine_class, resolve_engine
 
 
@@ -32,23 +33,77 @@ def test_engines_by_name():
         EngineConfig(gpu_memory_utilization=1.5)
 
 
-def test_the_vllm_engine_sees_only_the_tasks_gpu(monkeypatch):
+def test_the_vllm_engine_sees_only_the_tasks_gpu(monkeypatch, capfd):
     """vLLM runs on the first visible GPU, so the task's address becomes the only visible one
     (an index into what the executor sees), unless CUDA has started in the process already.
     CUDA's state is stood in for: there is no GPU here."""
-    from dolly_spark.inference.vllm_engine import _only_visible_gpu
-
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     # Set before it is deleted, so the undo at the end removes what the calls below set even where
     # the variable was unset (a delenv of an unset variable records nothing to undo).
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    _only_visible_gpu(3)
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "")  # undone at the end, as the package sets it
+    make_only_visible_gpu(3)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
-    _only_visible_gpu(1)
+    make_only_visible_gpu(1)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    with pytest.warns(UserWarning, match="not necessarily the task's GPU 2"):
-        _only_visible_gpu(2)
+    make_only_visible_gpu(2)
+    assert "not necessarily the task's GPU 2" in capfd.readouterr().err
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
+
+
+class VllmStoppedHere(RuntimeError):
+    """Where the stand-in for vLLM ends a load: a driver too old for the GPU, say."""
+
+
+@pytest.mark.parametrize("engine", ["vllm", "auto"])
+def test_the_tasks_gpu_is_the_only_visible_one_before_anything_asks_cuda(engine, tiny_model_dir, monkeypatch,
+                                                                           capfd):
+    """On every path that runs vLLM, CUDA is first asked after the task's GPU (address 1 of the
+    executor's 0,1) became the only visible one. A GPU executor is stood in for (no GPU here):
+    each CUDA query records what was visible, and vLLM's load stops with the error an old driver
+    gives. Under "vllm" the task fails naming the model, the cause and engine="hf"; under
+    "auto" the hf engine answers instead, after one warning line."""
+    from dolly_spark.inference import vllm_engine
+    from dolly_spark.lifecycle import loader
+    from dolly_spark.request import ModelSpec
+
+    seen = []  # what was visible at each query that starts CUDA (one asked of NVML does not)
+
+    def cuda_query(answer):
+        def query(*args):
+            if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
+                seen.append(os.environ.get("CUDA_VISIBLE_DEVICES"))
+            return answer
+        return query
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "")  # undone at the end, as the package sets it
+    monkeypatch.delenv("PYTORCH_NVML_BASED_CUDA_CHECK")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    for name, answer in (("is_available", engine == "auto"), ("device_count", 2)):
+        monkeypatch.setattr(torch.cuda, name, cuda_query(answer))
+
+    def old_driver(*args, **kwargs):
+        seen.append(os.environ.get("CUDA_VISIBLE_DEVICES"))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the hf engine then runs on the CPU
+        raise VllmStoppedHere("CUDA driver version is insufficient for CUDA runtime version")
+
+    monkeypatch.setattr(vllm_engine, "start_llm", old_driver)
+    spec = ModelSpec("local", str(tiny_model_dir), "tiny_dolly", "7")
+    config = EngineConfig(engine=engine, dtype="float32")
+    if engine == "vllm":
+        with pytest.raises(RuntimeError) as failure:
+            loader.load_engine(spec, config, gpu_index=1)
+        message = str(failure.value)
+        assert "tiny_dolly version 7" in message and "CUDA driver version is insufficient" in message
+        assert 'engine="hf"' in message
+    else:
+        loaded = loader.load_engine(spec, config, gpu_index=1)
+        assert loaded.name == "hf"
+        warnings = [line for line in capfd.readouterr().err.splitlines() if "vLLM could not load" in line]
+        assert len(warnings) == 1 and "VllmStoppedHere: CUDA driver version is insufficient" in warnings[0]
+        loader.forget_model(spec, config, gpu_index=1)
+    assert seen and set(seen) == {"1"}, seen

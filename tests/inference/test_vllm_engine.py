@@ -40,12 +40,25 @@ def models(tmp_path_factory, project_home) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def vllm_report(models, tmp_path_factory) -> dict:
+def probe_process(models, tmp_path_factory):
+    """The probe's report, and the probe itself, alive with its vLLM engines loaded until killed."""
     out = tmp_path_factory.mktemp("vllm_probe") / "answers.json"
-    run = subprocess.run([sys.executable, str(PROBE), str(out), *models.values()], capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(out.read_text())
+    log = out.with_name("probe.log")
+    probe = subprocess.Popen([sys.executable, str(PROBE), str(out), *models.values()], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+    try:
+        # The probe prints "ready" once its report is written (vLLM prints its warnings there too).
+        lines = iter(probe.stdout.readline, "")
+        assert any(line.strip() == "ready" for line in lines), log.read_text()[-4000:]
+        yield json.loads(out.read_text()), probe
+    finally:
+        probe.kill()
+        probe.wait()
+
+
+@pytest.fixture(scope="module")
+def vllm_report(probe_process) -> dict:
+    return probe_process[0]
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +118,58 @@ def test_a_sampled_rows_answer_follows_its_key_not_its_position(kind, models, vl
     assert forward == backward
     assert any(row["response"] for row in forward)
     assert forward != answers["sampled_other_seed"]  # the seed is used: sampling happened
+
+
+def test_dolly_schema_answers_end_on_the_end_key_as_the_hf_engines(models, vllm_report, hf_answers):
+    rows = vllm_report[models["dolly"]]["answers"]["schema"]
+    assert rows == hf_answers["dolly"]["schema"]
+    assert {row["finish_reason"] for row in rows if row["error"] is None} <= {"stop"}
+
+
+def test_an_engine_setting_changes_no_answer_on_vllm(models, vllm_report):
+    report = vllm_report[models["dolly"]]
+    for name, rows in report["small_config"].items():
+        expected = report["answers"][name]
+        # Probabilities apart: batches of other shapes sum in another order, in their last bits.
+        for row, expected_row in zip(rows, expected):
+            for field in ("choice_probabilities", "label_probability"):
+                got, want = row.pop(field), expected_row.pop(field)
+                assert (got is None) == (want is None) and (got is None or got == pytest.approx(want, abs=1e-6)), name
+        assert rows == expected, name
+
+
+def test_one_row_vllm_raises_on_gets_an_error_and_the_rest_their_answers(models, vllm_report):
+    report = vllm_report[models["dolly"]]
+    failing, greedy = report["one_row_failing"], report["answers"]["greedy"]
+    assert failing[1]["error"] == "vLLM failed on this row: ValueError: vLLM could not process this prompt"
+    assert failing[1]["retryable"] is True and failing[1]["finish_reason"] == "error"
+    assert failing[:1] + failing[2:] == greedy[:1] + greedy[2:]
+
+
+def test_the_hf_engine_runs_after_vllm_in_the_same_process(models, vllm_report, hf_answers):
+    assert vllm_report[models["dolly"]]["hf_after_vllm"]["greedy"] == hf_answers["dolly"]["greedy"]
+
+
+def test_vllms_engine_processes_die_with_the_process_that_started_them(probe_process):
+    import os
+    import time
+
+    report, probe = probe_process
+    children = report["engine_processes"]
+    assert len(children) >= 3  # an engine process at least per loaded engine
+    assert all(os.path.exists(f"/proc/{pid}") for pid in children)
+    probe.kill()  # as a Spark task's Python worker is killed
+    probe.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in children if _alive(pid)]
+
+
+def _alive(pid: int) -> bool:
+    """Running and not a zombie (a killed child its parent has not reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

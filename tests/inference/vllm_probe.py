@@ -1,14 +1,21 @@
 """Runs the rows and requests of ``test_vllm_engine`` through the "vllm" engine in a process of its
-own and writes every result as JSON: ``python vllm_probe.py OUT MODEL_DIR...``.
+own and writes every result as JSON: ``python vllm_probe.py OUT MODEL_DIR...``. Then it prints
+``ready`` and waits on its standard input, its vLLM engines still loaded, so that the test can kill
+it and see their engine processes go with it.
 
-A process of its own because loading vLLM changes the process that loads it: it rewires
-transformers' model classes for the architectures it runs through transformers (GPT-NeoX here),
-seeds the global random generators and binds threads. The test process compares these results
-with the "hf" engine's, computed in the test process on the same checkpoints.
+A process of its own because importing vLLM sets process-wide things (threads, random
+generators) the rest of the test session must not inherit. The test process compares these
+results with the "hf" engine's, computed in the test process on the same checkpoints.
+
+For the first model (the Dolly one) it also runs the engine-config requests under a second,
+very different configuration (``SMALL``), the "hf" engine in this same process after vLLM ran
+the same GPT-NeoX checkpoint, and one batch in which vLLM raises on one row (a failure injected
+into vLLM's ``generate`` for prompts of that row's length).
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict
 
@@ -59,16 +66,61 @@ def run_all(engine, names=tuple(REQUESTS)) -> dict:
     return answers
 
 
+# How the second configuration differs: one row at a time, a token budget under any prompt.
+SMALL = {"token_budget": 16, "max_batch_rows": 1}
+SMALL_COMPARED = ("greedy", "refuse_long", "choices", "schema")
+
+
+def engine_process_ids() -> list[int]:
+    """The pids of this process's children: vLLM's engine processes."""
+    from pathlib import Path
+
+    children = Path(f"/proc/self/task/{os.getpid()}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def one_row_failing(engine) -> list[dict]:
+    """The greedy request, with vLLM raising on any batch that holds row T-2's prompt."""
+    from dolly_spark.request import Request
+
+    request = Request(**REQUESTS["greedy"])
+    poisoned = engine.rows.encode_answers(request, tuple(rows()))[1][1].ids
+    generate = engine._generate
+
+    def failing(prompts, sampling):
+        if any(ids == poisoned for ids in prompts):
+            raise ValueError("vLLM could not process this prompt")
+        return generate(prompts, sampling)
+
+    engine._generate = failing
+    try:
+        return [asdict(r) for r in engine.run(rows(), request)]
+    finally:
+        engine._generate = generate
+
+
 def main(out: str, model_dirs: list[str]) -> None:
+    from dolly_spark.inference.engine import InstructionEngine
     from dolly_spark.inference.engines import EngineConfig, engine_class
 
-    report = {}
+    report, engines = {}, []
     for model_dir in model_dirs:
         engine = engine_class("vllm").from_pretrained(model_dir, config=EngineConfig(engine="vllm", dtype="float32"))
+        engines.append(engine)
         report[model_dir] = {"engine": type(engine).__name__, "device": str(engine.device), "answers": run_all(engine)}
-        del engine
+    dolly = model_dirs[0]
+    small = engine_class("vllm").from_pretrained(dolly, config=EngineConfig(engine="vllm", dtype="float32", **SMALL))
+    engines.append(small)
+    report[dolly]["small_config"] = run_all(small, SMALL_COMPARED)
+    report[dolly]["one_row_failing"] = one_row_failing(engines[0])
+    # The "hf" engine on the GPT-NeoX checkpoint vLLM has run in this process.
+    hf = InstructionEngine.from_pretrained(dolly, config=EngineConfig(engine="hf", dtype="float32"))
+    report[dolly]["hf_after_vllm"] = run_all(hf, ("greedy",))
+    report["engine_processes"] = engine_process_ids()
     with open(out, "w", encoding="utf-8") as handle:
         json.dump(report, handle)
+    print("ready", flush=True)
+    sys.stdin.read()  # until the test closes it, or kills this process
 
 
 if __name__ == "__main__":
