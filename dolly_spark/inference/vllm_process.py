@@ -1,10 +1,13 @@
 """vLLM's engine process and memory: a process of its own that dies with the Python worker that
 started it, and a CPU KV cache sized from the model.
 
-vLLM starts its engine core with ``multiprocessing`` (forked when CUDA has not started in the
-parent, as ``devices.make_only_visible_gpu`` ensures). A Spark task that is killed takes its
-Python worker with it, and an engine process left behind would hold the executor's GPU memory:
-the child asks Linux to kill it when the thread that forked it ends (``PR_SET_PDEATHSIG``).
+vLLM starts its engine core with ``multiprocessing``, and that starts vLLM's model worker:
+forked on a GPU whose CUDA has not started in the parent (``devices.make_only_visible_gpu``
+ensures it), spawned on a CPU. A Spark task that is killed takes its Python worker with it, and
+engine processes left behind would hold the executor's memory: each asks Linux to kill it when
+the thread that started it ends (``PR_SET_PDEATHSIG``). A forked child does so from a fork
+handler; a spawned one when it imports this module, which it does to unpickle the engine's
+logits processor (``vllm_repetition``), with ``DIE_WITH_PARENT`` in the environment it inherited.
 """
 from __future__ import annotations
 
@@ -22,31 +25,44 @@ PR_SET_PDEATHSIG = 1
 KV_CACHE_WINDOWS = 2
 GIB = 1024 ** 3
 
-_forking_engine = False
+# In the environment of the processes an engine starts: they end when their parent does.
+DIE_WITH_PARENT = "DOLLY_SPARK_DIE_WITH_PARENT"
+
+_starting_engine = False
 
 
 def _die_with_parent() -> None:
-    """In a child forked while an engine starts: end when the forking thread ends."""
-    if _forking_engine:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    """End this process when the thread that started it ends, or now if that has happened."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:  # the parent died before the signal was asked for
+        os._exit(1)
+
+
+def _die_with_parent_if_forked_for_an_engine() -> None:
+    if _starting_engine:
+        _die_with_parent()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_die_with_parent)
+    os.register_at_fork(after_in_child=_die_with_parent_if_forked_for_an_engine)
+if os.environ.get(DIE_WITH_PARENT) == "1":  # a process spawned by an engine's start (or by one of those)
+    _die_with_parent()
 
 
 @contextlib.contextmanager
 def dying_with_this_process() -> Iterator[None]:
-    """Within the block, processes forked here (vLLM's engine core) are killed when this thread
-    ends, however it ends; forks at other times are left alone. Forking is asked of vLLM."""
-    global _forking_engine
-    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "fork")
-    _forking_engine = True
+    """Within the block, the processes started here (vLLM's engine core, and through it its
+    model worker) are killed when this thread ends, however it ends; processes started at other
+    times are left alone."""
+    global _starting_engine
+    _starting_engine = True
+    os.environ[DIE_WITH_PARENT] = "1"
     try:
         yield
     finally:
-        _forking_engine = False
+        _starting_engine = False
+        os.environ.pop(DIE_WITH_PARENT, None)
 
 
 def cpu_kv_cache_gib(model_config: Any, window: int, dtype: Any) -> int:

@@ -12,6 +12,9 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
+# Imported first thing by the engine processes vLLM spawns, as they unpickle this processor: they
+# then end with the process that started them (see vllm_process).
+from dolly_spark.inference import vllm_process  # noqa: F401
 from dolly_spark.inference.repetition import REPETITION_ARG, penalized_scores
 
 

@@ -107,3 +107,19 @@ def test_the_tasks_gpu_is_the_only_visible_one_before_anything_asks_cuda(engine,
         assert len(warnings) == 1 and "VllmStoppedHere: CUDA driver version is insufficient" in warnings[0]
         loader.forget_model(spec, config, gpu_index=1)
     assert seen and set(seen) == {"1"}, seen
+
+
+def test_the_cpu_kv_cache_holds_a_whole_context_window_of_the_model():
+    """vLLM refuses to start unless one row of the whole window fits its KV cache: a fixed 1 GiB
+    holds no window of dolly-v2-3b in fp32 (1.25 GiB), so the cache is sized from the model."""
+    from transformers import GPTNeoXConfig
+
+    from dolly_spark.inference.vllm_process import GIB, cpu_kv_cache_gib
+
+    dolly_3b = GPTNeoXConfig(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32,
+                             max_position_embeddings=2048)
+    one_window = 2 * 32 * 2560 * 4 * 2048  # keys and values, every layer, fp32
+    assert cpu_kv_cache_gib(dolly_3b, 2048, torch.float32) * GIB >= 2 * one_window > GIB
+    assert cpu_kv_cache_gib(dolly_3b, 2048, torch.bfloat16) * GIB >= one_window
+    tiny = GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=512)
+    assert cpu_kv_cache_gib(tiny, 512, torch.float32) == 1
