@@ -40,7 +40,7 @@ def spark_defaults() -> dict[str, str]:
     }
 
 
-def written_by_the_package(key: str, value: str) -> bool:
+def delta_setting_of_the_package(key: str, value: str) -> bool:
     """True for a ``spark-defaults.conf`` setting of Delta's jars that this package wrote, this
     version or an earlier one (which resolved Delta at every start with ``spark.jars.packages``)."""
     if key == "spark.jars.packages":
@@ -65,7 +65,7 @@ def setup_spark(conf_dir: Path | None = None) -> Path:
     defaults = conf_dir / "spark-defaults.conf"
     wanted = spark_defaults()
     present = {key: value for key, value in read_defaults(defaults).items()
-               if not (written_by_the_package(key, value) and value != wanted.get(key))}
+               if not (delta_setting_of_the_package(key, value) and value != wanted.get(key))}
     missing = {key: value for key, value in wanted.items() if key not in present}
     if missing:
         kept = [line for line in _lines(defaults) if _kept(line, present)]
