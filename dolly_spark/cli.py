@@ -4,8 +4,8 @@
     dolly-spark finetune  --config conf/finetune.yaml [--base-model ... --train-data ...]
     dolly-spark evaluate  --config conf/evaluate_and_promote.yaml
     dolly-spark demo      the summarize and triage jobs on the embedded default, with previews
-    dolly-spark setup-spark  put Delta Lake into this environment's spark-defaults.conf, so that
-                             `spark-submit jobs/...` works without --packages
+    dolly-spark setup-spark  resolve Delta Lake's jars once and put them into this environment's Spark
+                             conf, so that sessions and `spark-submit jobs/...` start from local jars
 """
 from __future__ import annotations
 
@@ -126,13 +126,19 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
 
 
 def setup_spark_main(argv: Sequence[str] | None = None) -> int:
-    """Write Delta Lake's package and settings into the local Spark's spark-defaults.conf."""
-    from dolly_spark.spark.install import read_defaults, setup_spark
+    """Resolve Delta Lake's jars once and write them and Delta's settings into the local Spark's conf."""
+    from dolly_spark.spark.delta_jars import DeltaJarsUnresolvedError
+    from dolly_spark.spark.install import setup_spark
+    from dolly_spark.spark.spark_conf import read_defaults
 
     if argv:
         print("usage: dolly-spark setup-spark   (no options; set SPARK_CONF_DIR to write elsewhere)")
         return 2
-    defaults = setup_spark()
+    try:
+        defaults = setup_spark()
+    except DeltaJarsUnresolvedError as exc:
+        print(f"dolly-spark setup-spark: {exc}", file=sys.stderr)
+        return 1
     print(f"{defaults}:")
     for key, value in read_defaults(defaults).items():
         print(f"  {key} {value}")
@@ -149,6 +155,7 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``dolly-spark <command> ...``: run the command named first; its exit code (2 for an unknown one)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__)

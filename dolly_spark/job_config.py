@@ -50,6 +50,8 @@ def _argument_type(kind: type):
 
 
 def build_parser(config_cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+    """An argument parser with ``--config`` and one flag per field of the dataclass
+    ``config_cls``, each defaulting to unset so that only the flags given override the YAML."""
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", type=Path, help="YAML file of settings; command-line flags override it")

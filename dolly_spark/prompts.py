@@ -42,11 +42,19 @@ class Segment:
 class PromptFormat(Protocol):
     name: str
 
-    def prompt_segments(self, instruction: str, context: str | None = None) -> list[Segment]: ...
+    def prompt_segments(self, instruction: str, context: str | None = None) -> list[Segment]:
+        """The prompt for ``instruction`` (and ``context``, when it has text) as segments: the
+        format's own text marked special, the caller's text not, so it is never read as special
+        tokens."""
+        ...
 
-    def response_segments(self, response: str) -> list[Segment]: ...
+    def response_segments(self, response: str) -> list[Segment]:
+        """The answer as a training target: ``response`` followed by the format's end marker."""
+        ...
 
-    def stop_strings(self) -> tuple[str, ...]: ...
+    def stop_strings(self) -> tuple[str, ...]:
+        """The strings that end an answer in this format, beyond the tokenizer's EOS."""
+        ...
 
 
 def has_context(context: str | None) -> bool:
@@ -55,6 +63,7 @@ def has_context(context: str | None) -> bool:
 
 
 def render(segments: list[Segment]) -> str:
+    """The text of ``segments``, joined."""
     return "".join(segment.text for segment in segments)
 
 
@@ -68,7 +77,7 @@ class _RenderMixin:
         return render(self.prompt_segments(instruction, context) + self.response_segments(response))
 
 
-class DollyFormat(_RenderMixin):
+class DollyFormat(_RenderMixin, PromptFormat):
     """Byte-exact Dolly v2: intro blurb, instruction, optional Input block, response, ``### End``."""
 
     name = "dolly"
@@ -88,7 +97,7 @@ class DollyFormat(_RenderMixin):
         return (END_KEY, INSTRUCTION_KEY)
 
 
-class PlainFormat(_RenderMixin):
+class PlainFormat(_RenderMixin, PromptFormat):
     """Instruction and context joined by a blank line, for base models without a template."""
 
     name = "plain"
@@ -104,7 +113,7 @@ class PlainFormat(_RenderMixin):
         return ()
 
 
-class ChatFormat(_RenderMixin):
+class ChatFormat(_RenderMixin, PromptFormat):
     """The tokenizer's own chat template; instruction and context form one user message."""
 
     name = "chat"
@@ -122,6 +131,7 @@ class ChatFormat(_RenderMixin):
 
     @staticmethod
     def user_message(instruction: str, context: str | None) -> str:
+        """The user turn's text: the instruction, then the context when it has text."""
         return f"{instruction}\n\n{context}" if has_context(context) else instruction
 
     def _template_around_user(self, add_generation_prompt: bool, response: str | None = None):

@@ -21,12 +21,14 @@ SPARK_LOG_STAMP = r"\d\d/\d\d/\d\d \d\d:\d\d:\d\d "
 
 def job_env(home: Path, **extra: str) -> dict[str, str]:
     """The environment of a user's shell: this machine's, without the test session's Spark and
-    MLflow settings, with the project home and every Spark address on 127.0.0.1. The user cache
+    MLflow settings, with the project home. No Spark address is chosen (``SPARK_LOCAL_IP`` is
+    unset, as in a new user's shell): a local session must bind to the loopback address itself,
+    without Spark's warning that the hostname resolves to one. The user cache
     (``$DOLLY_SPARK_USER_CACHE``) is kept: a machine's, shared by its project homes."""
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("PYSPARK_", "SPARK_", "MLFLOW_", "DOLLY_SPARK_", "VIRTUAL_ENV"))
            or key == USER_CACHE_ENV_VAR}  # the machine's cache is the user's, not the session's
-    env.update({"DOLLY_SPARK_HOME": str(home), "SPARK_LOCAL_IP": "127.0.0.1", **extra})
+    env.update({"DOLLY_SPARK_HOME": str(home), **extra})
     return with_short_lived_jvm(env)
 
 
@@ -89,6 +91,33 @@ def spark_log_records(output: str) -> list[str]:
     of ``spark_log_lines``) up to the next: a record holds its message's stack trace, and
     whatever else was printed before the next record."""
     return re.split(rf"(?m)^(?={SPARK_LOG_STAMP})", output)
+
+
+# How Ivy's dependency report begins its lines when Spark resolves ``spark.jars.packages``:
+# ":: loading settings ::", ":: resolving dependencies ::", "confs: [default]", "found <module>",
+# the artifacts table (tab-indented "|      default     |   12  | ... ||   12  |   0   |") and the
+# cache's whereabouts.
+IVY_REPORT_LINE = (r"^(::|\s*confs: \[|\s*found \S+#|\t\|.*\|\|.*\||\t-{20,}|Ivy Default Cache set to|"
+                   r"The jars for the packages stored in|\S+#\S+ added as a dependency|\s*\S+#\S+;\S+ from \S+ in \[|"
+                   r"\s*\d+ artifacts copied|\s*downloading https?://|\s*\[SUCCESSFUL \])")
+
+
+def ivy_report_lines(output: str) -> list[str]:
+    """The lines of ``output`` that Ivy printed while resolving Maven packages for Spark."""
+    return [line for line in output.splitlines() if re.match(IVY_REPORT_LINE, line)]
+
+
+# Spark's note that its web UI took the next port: the tests run commands side by side (and other
+# Sparks may run on the machine), each with its UI, so all but the first find 4040 taken. A
+# user's one command on a quiet machine does not print it.
+UI_PORT_TAKEN = re.compile(r"WARN Utils: Service 'SparkUI' could not bind on port \d+\. Attempting port \d+\.$")
+
+
+def quiet_start_problems(output: str) -> list[str]:
+    """What a healthy command must not print: Ivy's resolution report, and any line Spark's
+    console log printed below ERROR (a WARN, an INFO), but for ``UI_PORT_TAKEN``."""
+    below_error = spark_log_lines(output, "WARN") + spark_log_lines(output, "INFO")
+    return ivy_report_lines(output) + [line for line in below_error if not UI_PORT_TAKEN.search(line)]
 
 
 def internal_warnings(output: str) -> list[str]:

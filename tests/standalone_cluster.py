@@ -58,7 +58,8 @@ class StandaloneCluster:
         # Python workers this interpreter, as an activated venv does on a real node.
         venv_bin = str(Path(os.sys.executable).parent)
         log_config = self.root / "daemon-log4j2.properties"
-        return job_env(self.root / "unused-home", PATH=f"{venv_bin}:{os.environ['PATH']}",
+        # Every daemon on the loopback address, as on a single machine the docs say to export.
+        return job_env(self.root / "unused-home", PATH=f"{venv_bin}:{os.environ['PATH']}", SPARK_LOCAL_IP="127.0.0.1",
                        SPARK_LOG_DIR=str(self.root / "logs"),
                        SPARK_DAEMON_JAVA_OPTS=f"-Dlog4j2.configurationFile={log_config}", **extra)
 

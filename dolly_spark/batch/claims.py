@@ -47,6 +47,7 @@ def _conflicts() -> tuple[type[Exception], ...]:
 
 
 def claim_table(target: str) -> str:
+    """The Delta table that holds the claim on ``target``: ``<target>__claim``."""
     return f"{target}__claim"
 
 
@@ -96,6 +97,7 @@ class Claim:
         return holder is not None and holder["claim_id"] == self.claim_id
 
     def release(self) -> None:
+        """Delete this run's claim, so the next run on the target starts at once."""
         from delta.tables import DeltaTable
 
         DeltaTable.forName(self.spark, claim_table(self.target)).delete(F.col("claim_id") == self.claim_id)

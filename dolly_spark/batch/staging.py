@@ -148,6 +148,7 @@ def stage_results(spark: SparkSession, results: DataFrame, target: str) -> DataF
 
 
 def drop_staging(spark: SparkSession, target: str) -> None:
+    """Drop the run's staging tables of ``target`` (pending and staged), if they exist."""
     for role in ("pending", "staged"):
         spark.sql(f"DROP TABLE IF EXISTS {staging_table(target, role)}")
 

@@ -239,4 +239,5 @@ def alias_version(name: str, alias: str) -> str | None:
 
 
 def set_alias(name: str, alias: str, version: str) -> None:
+    """Point ``models:/<name>@<alias>`` at ``version`` of the registered model ``name``."""
     MlflowClient().set_registered_model_alias(name, alias, version)

@@ -6,27 +6,31 @@ Three cases, in order:
   launcher's master and every setting it passed are kept, and only what is missing is added
   (the Delta extension and catalog, Arrow, the embedded catalog when none is configured);
 - otherwise the package starts a local session itself on ``$DOLLY_SPARK_MASTER`` or
-  ``local[*]``, with Delta's jars from Maven Central (cached in Ivy afterwards).
+  ``local[*]``, with Delta's jars from the local folder ``dolly-spark setup-spark`` resolved them
+  into (``delta_jars``), so nothing is resolved and Ivy prints nothing; a local master binds to
+  the loopback address unless the user chose an address.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from importlib.metadata import version
 from pathlib import Path
+from typing import Iterator
 
 from pyspark.sql import SparkSession
 
 from dolly_spark.paths import MODEL_CACHE_ENV_VAR, project_home
+from dolly_spark.spark.delta_jars import (DELTA_CATALOG, DELTA_EXTENSION, delta_jars_conf, delta_jars_dir,
+                                          delta_package)
 from dolly_spark.spark.log_config import write_unless_edited, written_by_the_package
+from dolly_spark.spark.spark_conf import configured_defaults, spark_conf_dir
 
 log = logging.getLogger(__name__)
 
 ARROW_BATCH_CONF = "spark.sql.execution.arrow.maxRecordsPerBatch"
 CODEGEN_CACHE_CONF = "spark.sql.codegen.cache.maxEntries"
-DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
-DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
 MASTER_ENV_VAR = "DOLLY_SPARK_MASTER"
 WORKER_DAEMON_MODULE = "dolly_spark.spark.worker_daemon"
 # Settings that decide where tables live; the embedded catalog is added only when the launcher
@@ -37,39 +41,6 @@ CATALOG_KEYS = ("spark.sql.warehouse.dir", "spark.sql.catalogImplementation",
 
 class DeltaNotOnClasspathError(RuntimeError):
     """The JVM was started without Delta Lake's classes, and it is too late to add them."""
-
-
-def delta_package() -> str:
-    """The Maven coordinate of Delta Lake's jar for the installed pyspark and delta-spark,
-    ``io.delta:delta-spark_<spark major.minor>_2.13:<delta-spark version>`` (the artifact that
-    ``delta.configure_spark_with_delta_pip`` asks for)."""
-    import pyspark
-
-    spark_minor = ".".join(pyspark.__version__.split(".")[:2])
-    return f"io.delta:delta-spark_{spark_minor}_2.13:{version('delta-spark')}"
-
-
-# What delta-spark's Maven artifact pulls in that Spark's own jars already hold, in the same or a
-# newer version: Spark's class loader finds its own first, so these copies were never used, yet
-# each submission resolved them and every executor fetched them (86 MB with Delta 4.4, most of it
-# Hadoop's client jars). Resolving without them leaves Delta's own jars (about 15 MB).
-DELTA_EXCLUDES = (
-    "org.apache.hadoop:hadoop-client-api", "org.apache.hadoop:hadoop-client-runtime",
-    "org.apache.parquet:parquet-column", "org.apache.parquet:parquet-common", "org.apache.parquet:parquet-encoding",
-    "org.apache.parquet:parquet-format-structures", "org.apache.parquet:parquet-hadoop",
-    "org.apache.parquet:parquet-jackson",
-    "com.fasterxml.jackson.core:jackson-annotations", "com.fasterxml.jackson.core:jackson-core",
-    "com.fasterxml.jackson.core:jackson-databind",
-    "org.apache.logging.log4j:log4j-api", "org.apache.logging.log4j:log4j-core",
-    "org.apache.logging.log4j:log4j-slf4j2-impl", "org.slf4j:slf4j-api",
-    "com.github.luben:zstd-jni", "org.xerial.snappy:snappy-java", "io.airlift:aircompressor",
-    "org.roaringbitmap:RoaringBitmap", "org.locationtech.jts:jts-core", "com.google.code.findbugs:jsr305",
-)
-
-
-def delta_excludes() -> str:
-    """``spark.jars.excludes`` for ``delta_package()``: the artifacts in ``DELTA_EXCLUDES``."""
-    return ",".join(DELTA_EXCLUDES)
 
 
 def get_spark(
@@ -154,15 +125,49 @@ def _local_session(app_name: str, master: str, wanted: dict[str, str]) -> SparkS
         **_local_model_cache_conf(),
         "spark.driver.extraJavaOptions": f"-Dderby.system.home={home}{_log_config_option(home)}",
         "spark.pyspark.python": sys.executable,
-        "spark.jars.packages": delta_package(),
-        "spark.jars.excludes": delta_excludes(),
+        **delta_jars_conf(),
         **wanted,
     }
+    if "spark.jars.packages" in conf:
+        log.warning("Delta Lake's jars are not in %s: Spark resolves %s from Maven Central at this start, and Ivy "
+                    "prints its report. Run `dolly-spark setup-spark` once to resolve them there for every start.",
+                    delta_jars_dir(), delta_package())
     builder = SparkSession.builder.appName(app_name).master(master)
     for key, value in conf.items():
         builder = builder.config(key, value)
     log.info("starting a local Spark session (%s) with Delta Lake; tables under %s", master, home)
-    return builder.getOrCreate()
+    with _on_loopback_unless_chosen(master, conf):
+        return builder.getOrCreate()
+
+
+# Where a user chooses the driver's address; when none is set, a local session binds to 127.0.0.1.
+ADDRESS_ENV_VARS = ("SPARK_LOCAL_IP", "SPARK_LOCAL_HOSTNAME")
+ADDRESS_CONFS = ("spark.driver.host", "spark.driver.bindAddress")
+
+
+def address_chosen(conf: dict[str, str]) -> bool:
+    """Whether the user chose the driver's address: in the environment (``$SPARK_LOCAL_IP``,
+    ``$SPARK_LOCAL_HOSTNAME``), in ``conf`` or in the Spark conf's ``spark-defaults.conf``."""
+    defaults = configured_defaults()
+    return any(os.environ.get(name) for name in ADDRESS_ENV_VARS) or any(
+        key in conf or key in defaults for key in ADDRESS_CONFS)
+
+
+@contextlib.contextmanager
+def _on_loopback_unless_chosen(master: str, conf: dict[str, str]) -> Iterator[None]:
+    """Start the JVM of a local session with ``SPARK_LOCAL_IP=127.0.0.1`` unless the user chose an
+    address. Without it Spark looks the hostname up, finds a loopback address on most machines
+    (Debian and Ubuntu map it to 127.0.1.1), warns, and binds to another interface instead: a
+    local session needs no address beyond the machine. A cluster master is left alone, since its
+    executors must reach the driver. The variable is set only while the JVM starts."""
+    if not master.startswith("local") or address_chosen(conf):
+        yield
+        return
+    os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"
+    try:
+        yield
+    finally:
+        os.environ.pop("SPARK_LOCAL_IP", None)
 
 
 def _log_config_option(home: Path) -> str:
@@ -170,8 +175,6 @@ def _log_config_option(home: Path) -> str:
     (``log_config``): ``log4j2.properties`` under the project home, written there unless edited.
     Empty when Spark's conf directory holds a ``log4j2.properties`` of the user's own: the JVM reads
     that one from its classpath, as ``spark-submit`` does."""
-    from dolly_spark.spark.install import spark_conf_dir  # install imports this module
-
     in_conf_dir = spark_conf_dir() / "log4j2.properties"
     if in_conf_dir.exists() and not written_by_the_package(in_conf_dir.read_text(encoding="utf-8")):
         return ""
@@ -215,10 +218,10 @@ def _require_delta_classes(jvm) -> None:
     except Exception as exc:  # noqa: BLE001 - py4j wraps the ClassNotFoundException
         raise DeltaNotOnClasspathError(
             f"Delta Lake's classes ({DELTA_EXTENSION}) are not on the Spark classpath: the JVM was "
-            f"started before this job could add them. Add them to the command, e.g. "
-            f"`spark-submit --packages {delta_package()} ...`, or put `spark.jars.packages "
-            f"{delta_package()}` in the Spark conf (`dolly-spark setup-spark` writes it into this "
-            "environment's spark-defaults.conf)."
+            f"started before this job could add them. Run `dolly-spark setup-spark` (it resolves Delta's "
+            f"jars into {delta_jars_dir()} and names them in spark.jars of this environment's "
+            f"spark-defaults.conf, {spark_conf_dir() / 'spark-defaults.conf'}), or add them to the command, "
+            f"e.g. `spark-submit --packages {delta_package()} ...`."
         ) from exc
 
 

@@ -132,7 +132,8 @@ def test_a_run_on_the_cluster_survives_a_killed_python_worker_and_a_killed_execu
     answers are the ones the "hf" engine gives the same request in the test process."""
     log = tmp_path / "job.log"
     command = f"{SUMMARIZE.format(master=cluster.url)} --target-table cluster_summaries --chunk-rows 20 --engine vllm"
-    with background_command(command, seeded_home, log) as job:
+    # The driver on the loopback address too, as the docs say to do on a single machine.
+    with background_command(command, seeded_home, log, SPARK_LOCAL_IP="127.0.0.1") as job:
         (worker, *_) = wait_for(lambda: python_workers_inside_the_udf(cluster), "a Python worker started the UDF", job)
         os.kill(worker, signal.SIGKILL)
         first_merge = seeded_home / "warehouse" / "cluster_summaries" / "_delta_log" / "00000000000000000001.json"

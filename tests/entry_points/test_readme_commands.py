@@ -1,5 +1,6 @@
-"""The README's commands, typed as a user types them, in a shell with the venv activated, from a
-clean project home on the embedded default (local Spark and Delta, the local MLflow registry)."""
+"""The commands of the README and the docs pages, typed as a user types them, in a shell with the
+venv activated, from a clean project home on the embedded default (local Spark and Delta, the
+local MLflow registry)."""
 from __future__ import annotations
 
 import re
@@ -11,12 +12,17 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import shared_sample
-from project_home import REPO, background_command, internal_warnings, read_delta, run_command, spark_log_lines
+from project_home import REPO, background_command, quiet_start_problems, read_delta, run_command, spark_log_lines
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="Spark needs Java 17+ on PATH")
 
 
 def readme_commands() -> str:
     return (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def docs_page(name: str) -> str:
+    """The text of a page of the docs site (``docs/<name>``)."""
+    return (REPO / "docs" / name).read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +31,12 @@ def home(seeded_home) -> Path:
 
 
 def succeeded(result) -> str:
-    """The output of a command that exited 0, whose Spark console showed no internal warning
-    (start-up notes included) and no error."""
+    """The output of a command that exited 0 and started quietly: no Ivy resolution report, and
+    nothing from Spark's console log (no WARN, start-up notes included, and no ERROR)."""
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
-    assert not internal_warnings(output) and not spark_log_lines(output, "ERROR"), output[-4000:]
+    problems = quiet_start_problems(output) + spark_log_lines(output, "ERROR")
+    assert not problems, "\n".join(problems) + "\n...\n" + output[-4000:]
     return output
 
 
@@ -52,12 +59,12 @@ def quick_demo(tmp_path_factory):
 @pytest.mark.slow
 @needs_java
 def test_readme_job_commands_run_verbatim_on_the_embedded_default(spark, home, quick_demo):
-    readme = readme_commands()
+    readme, jobs_page = readme_commands(), docs_page("jobs.md")
     summarize = "spark-submit jobs/summarize_tickets.py --config conf/summarize_tickets.yaml"
     # The dry run first, with the console script: it counts what the run after it does, and
     # writes no table.
     dry_run = "dolly-spark summarize --config conf/summarize_tickets.yaml --dry-run"
-    assert dry_run in readme
+    assert dry_run in jobs_page
     # Answers of up to 32 tokens, not the config's 96, in the dry run's calibration and the run:
     # the tiny model fills whatever it is given, and nothing checked here depends on the length.
     short_answers = " --max-new-tokens 32"
@@ -71,6 +78,7 @@ def test_readme_job_commands_run_verbatim_on_the_embedded_default(spark, home, q
     assert not (home / "warehouse" / "ticket_summaries").exists()
 
     assert f"source .venv/bin/activate\n{summarize}" in readme
+    assert f"source .venv/bin/activate\n{summarize}" in jobs_page
     output = succeeded(run_command(summarize + short_answers, home))
     assert "40 tickets summarized with support_dolly v1" in output
     assert "using the Spark master local[*] from spark-submit" in output
@@ -82,7 +90,7 @@ def test_readme_job_commands_run_verbatim_on_the_embedded_default(spark, home, q
 
     # The same job with structured answers: a scored label and typed fields per ticket.
     triage = "spark-submit jobs/summarize_tickets.py --config conf/triage_tickets.yaml"
-    assert triage in readme
+    assert triage in jobs_page
     output = succeeded(run_command(triage, home))
     assert "40 tickets triaged with support_dolly v1" in output
     triaged = read_delta(spark, home, "ticket_triage")
@@ -95,14 +103,14 @@ def test_readme_job_commands_run_verbatim_on_the_embedded_default(spark, home, q
 
     data = shared_sample()
     finetune = "spark-submit jobs/finetune.py --config conf/finetune.yaml"
-    assert finetune in readme
+    assert finetune in jobs_page
     output = succeeded(run_command(
         f"{finetune} --base-model models:/support_dolly@champion --train-data {data} --max-steps 2 "
         "--batch-size 4 --max-length 256 --max-eval-records 4 --eval-max-new-tokens 8", home))
     assert re.search(r"registered support_dolly version 2 as @challenger", output), output[-2000:]
 
     evaluate = "spark-submit jobs/evaluate_and_promote.py --config conf/evaluate_and_promote.yaml"
-    assert evaluate in readme
+    assert evaluate in jobs_page
     output = succeeded(run_command(f"{evaluate} --eval-data {data} --max-eval-records 4 --max-new-tokens 8", home))
     outcome = re.search(r"challenger v2 rouge_l=\S+, champion v1 rouge_l=\S+, base rouge_l=\S+: (promoted|not promoted)",
                         output)
@@ -117,7 +125,7 @@ def test_readme_job_commands_run_verbatim_on_the_embedded_default(spark, home, q
     # The demo fine-tune: from version 1 (here the tiny model), on the dolly sample beside the
     # project, scored against its base on a held-out quarter of each category.
     finetune_demo = "spark-submit jobs/finetune.py --config conf/finetune_demo.yaml"
-    assert finetune_demo in readme
+    assert finetune_demo in docs_page("fine-tuning.md")
     output = succeeded(run_command(f"{finetune_demo} --max-steps 2 --max-eval-records 4 --eval-max-new-tokens 8", home))
     assert "registered support_dolly version 3 as @challenger" in output, output[-2000:]
     assert re.search(r"ROUGE-L gain over the base in its own format: \S+ \(95% bootstrap interval", output), output[-2000:]
@@ -126,15 +134,17 @@ def test_readme_job_commands_run_verbatim_on_the_embedded_default(spark, home, q
 @pytest.mark.slow
 @needs_java
 def test_make_demo_from_a_clean_project_home(spark, quick_demo):
-    assert QUICK_DEMO in readme_commands()
+    assert QUICK_DEMO in readme_commands() and QUICK_DEMO in docs_page("getting-started.md")
     home, process, log = quick_demo
     # The first 8 of the 40 sample tickets, through the whole demo (conversion, registration, both
     # jobs, previews): the same path as `make demo`, about 70 s sooner here.
     assert process.wait(timeout=1200) == 0, log.read_text()[-4000:]
     output = log.read_text()
-    # Spark's console shows no internal warning or error of an ordinary run (the capped run
-    # rewrites its staging table).
-    assert not internal_warnings(output) and not spark_log_lines(output, "ERROR"), output[-3000:]
+    # Neither Ivy's report nor any line of Spark's console log (no WARN: the session bound to the
+    # loopback address itself; no internal warning of an ordinary run, whose capped run rewrites
+    # its staging table; no error).
+    problems = quiet_start_problems(output) + spark_log_lines(output, "ERROR")
+    assert not problems, "\n".join(problems) + "\n...\n" + output[-3000:]
     assert re.search(r"^8 tickets summarized with support_dolly v1 .*; 32 more left pending", output, re.M), output[-3000:]
     assert "ticket_summaries (first rows):" in output
     assert read_delta(spark, home, "ticket_summaries").count() == 8
@@ -149,7 +159,7 @@ def test_make_demo_from_a_clean_project_home(spark, quick_demo):
 @pytest.mark.slow
 @needs_java
 def test_spark_submit_without_delta_says_which_package_to_add(home, tmp_path):
-    from dolly_spark.spark.sessions import delta_package
+    from dolly_spark.spark.delta_jars import delta_package
 
     empty_conf = tmp_path / "conf"
     empty_conf.mkdir()
@@ -157,26 +167,37 @@ def test_spark_submit_without_delta_says_which_package_to_add(home, tmp_path):
                          SPARK_CONF_DIR=str(empty_conf))
     assert result.returncode != 0
     assert f"spark-submit --packages {delta_package()}" in result.stdout + result.stderr
+    assert "Run `dolly-spark setup-spark`" in result.stdout + result.stderr
 
 
 def test_setup_spark_writes_delta_into_spark_defaults(tmp_path):
-    from dolly_spark.spark.sessions import delta_excludes, delta_package
-    from dolly_spark.spark.install import read_defaults
+    from dolly_spark.spark.delta_jars import delta_excludes, delta_jars_dir, delta_package, local_delta_jars
+    from dolly_spark.spark.spark_conf import read_defaults
+    from dolly_spark.spark.spark_env import LOOPBACK_BLOCK
 
     conf = tmp_path / "conf"
     conf.mkdir()
-    (conf / "spark-defaults.conf").write_text("spark.executor.memory 3g\n")
+    # The user's own setting, and the lines an earlier version of the package wrote: Delta resolved
+    # by Ivy at every start.
+    (conf / "spark-defaults.conf").write_text(
+        "spark.executor.memory 3g\n# dolly-spark setup-spark: Delta Lake for jobs started with spark-submit\n"
+        f"spark.jars.packages {delta_package()}\nspark.jars.excludes {delta_excludes()}\n")
+    (conf / "spark-env.sh").write_text("SPARK_WORKER_CORES=2\n")
     for _ in range(2):  # a second run changes nothing
         result = run_command("dolly-spark setup-spark", tmp_path / "home", SPARK_CONF_DIR=str(conf))
         assert result.returncode == 0, result.stderr
     settings = read_defaults(conf / "spark-defaults.conf")
+    jars = local_delta_jars()  # resolved at install, in the venv's Spark conf
+    assert jars and {jar.parent for jar in jars} == {delta_jars_dir()}
+    assert any(jar.name.startswith("io.delta_delta-spark_") for jar in jars), jars
     assert settings == {
         "spark.executor.memory": "3g",
-        "spark.jars.packages": delta_package(),
-        "spark.jars.excludes": delta_excludes(),
+        "spark.jars": ",".join(str(jar) for jar in jars),
         "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
         "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
     }
+    assert (conf / "spark-defaults.conf").read_text().count("# dolly-spark setup-spark") == 1
+    assert (conf / "spark-env.sh").read_text() == "SPARK_WORKER_CORES=2\n" + LOOPBACK_BLOCK
     assert "rootLogger.level = warn" in (conf / "log4j2.properties").read_text()
 
 
@@ -184,7 +205,7 @@ def test_delta_package_is_the_one_delta_pip_asks_for():
     from delta import configure_spark_with_delta_pip
     from pyspark.sql import SparkSession
 
-    from dolly_spark.spark.sessions import delta_package
+    from dolly_spark.spark.delta_jars import delta_package
 
     builder = configure_spark_with_delta_pip(SparkSession.Builder())
     assert builder._options["spark.jars.packages"] == delta_package()
@@ -195,7 +216,7 @@ def test_delta_artifacts_left_out_are_the_ones_spark_ships():
     changes no class a job loads."""
     from pyspark.find_spark_home import _find_spark_home
 
-    from dolly_spark.spark.sessions import DELTA_EXCLUDES
+    from dolly_spark.spark.delta_jars import DELTA_EXCLUDES
 
     spark_jars = [path.name for path in (Path(_find_spark_home()) / "jars").glob("*.jar")]
     missing = [coordinate for coordinate in DELTA_EXCLUDES
