@@ -27,13 +27,11 @@ PENDING = frozenset({
     "dolly_spark.inference.engines.Engine.from_pretrained",
     "dolly_spark.inference.backend.generation_config",
     "dolly_spark.inference.parser.ResponseParser.for_tokenizer",
-    "dolly_spark.inference.parser.ResponseParser.parse",
     "dolly_spark.inference.ragged_attention.ragged_sdpa_forward",
     "dolly_spark.inference.vllm_repetition.AnswerRepetition.validate_params",
     "dolly_spark.inference.vllm_repetition.AnswerRepetition.is_argmax_invariant",
     "dolly_spark.inference.vllm_repetition.AnswerRepetition.new_req_logits_processor",
     "dolly_spark.inference.packed_weights.shape_of",
-    "dolly_spark.inference.vllm_engine.VllmEngine.encode_only",
     "dolly_spark.batch.estimate.Rate.seconds",
     "dolly_spark.batch.estimate.Estimate.as_dict",
 })
