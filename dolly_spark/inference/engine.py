@@ -39,15 +39,12 @@ from dolly_spark.inference.planner import choice_batches, micro_batches
 from dolly_spark.inference.prepared import PreparedRequest
 from dolly_spark.inference.ragged_attention import ragged_attention
 from dolly_spark.inference.results import FINISH_ERROR, EngineStats, InstructionResult
-from dolly_spark.inference.row_encoder import RowEncoder, combined, row_columns
+from dolly_spark.inference.row_encoder import RowEncoder, combined, kept_for_request, row_columns
 from dolly_spark.prompts import PromptFormat
 from dolly_spark.request import Request
 
 log = logging.getLogger(__name__)
 
-# Requests whose prepared parts an engine keeps: a worker runs one request at a time, and a
-# grammar is worth keeping between its Arrow batches.
-PREPARED_REQUESTS_KEPT = 4
 
 
 class InstructionEngine:
@@ -95,13 +92,7 @@ class InstructionEngine:
         """The parts this engine runs ``request`` with, built on its first call. Raises a
         ValueError when the request cannot run here (no room for a prompt, choices on a
         sliding-window model)."""
-        prepared = self._prepared.get(request)
-        if prepared is None:
-            prepared = self._prepared[request] = PreparedRequest(self, request)
-            while len(self._prepared) > PREPARED_REQUESTS_KEPT:
-                self._prepared.popitem(last=False)
-        self._prepared.move_to_end(request)
-        return prepared
+        return kept_for_request(self._prepared, request, lambda: PreparedRequest(self, request))
 
     # ----------------------------------------------------------------------------------------
     def run(self, rows: Rows, request: Request) -> list[InstructionResult]:

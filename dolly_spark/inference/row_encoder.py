@@ -32,8 +32,8 @@ from dolly_spark.prompts import (
 )
 from dolly_spark.request import Request
 
-# Requests whose encoding parts are kept: a worker runs one request at a time, and a choice
-# encoding is worth keeping between its Arrow batches.
+# Requests whose parts are kept: a worker runs one request at a time, and a choice encoding or a
+# compiled grammar is worth keeping between its Arrow batches.
 REQUESTS_KEPT = 4
 
 
@@ -125,13 +125,7 @@ class RowEncoder:
     def prepare(self, request: Request) -> RequestEncoding:
         """``request``'s encoders, built on its first call. Raises a ValueError when the request
         cannot run on this model (no room for a prompt, choices on a sliding-window model)."""
-        encoding = self._requests.get(request)
-        if encoding is None:
-            encoding = self._requests[request] = RequestEncoding(self, request)
-            while len(self._requests) > REQUESTS_KEPT:
-                self._requests.popitem(last=False)
-        self._requests.move_to_end(request)
-        return encoding
+        return kept_for_request(self._requests, request, lambda: RequestEncoding(self, request))
 
     def encode_rows(self, encoder: PromptEncoder, rewrite: Callable[[str], str] | None, request: Request,
                     instructions: list[Any], contexts: list[Any], keys: list[Any],
@@ -167,6 +161,18 @@ class RowEncoder:
         labels = _encoded_results(*self.encode_choices(request, columns)) if request.choices else None
         answers = _encoded_results(*self.encode_answers(request, columns)) if request.generates else None
         return combined(labels, answers)
+
+
+def kept_for_request(kept: OrderedDict, request: Request, build: Callable[[], Any]) -> Any:
+    """``kept[request]``, built by ``build`` on its first call; ``kept`` holds the last
+    ``REQUESTS_KEPT`` requests' parts (a worker runs one request over many Arrow batches)."""
+    value = kept.get(request)
+    if value is None:
+        value = kept[request] = build()
+        while len(kept) > REQUESTS_KEPT:
+            kept.popitem(last=False)
+    kept.move_to_end(request)
+    return value
 
 
 def row_columns(rows: Rows) -> tuple[list[Any], list[Any], list[Any]]:
