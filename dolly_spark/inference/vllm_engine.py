@@ -54,6 +54,9 @@ ENGINE_ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_LOGGING_LEVEL
 # On a CPU, unless the environment says otherwise: threads unpinned (pinned, every engine of an
 # executor would bind the same cores); the KV cache is sized from the model (``cpu_kv_cache_gib``).
 CPU_ENVIRONMENT = {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+# Tokens per KV-cache block on a CPU (vLLM's default there is 128). The prefix cache shares whole
+# blocks, so a scored choice after a row's prompt recomputes at most a block's worth of the prompt.
+CPU_BLOCK_SIZE = 32
 
 
 class VllmEngine:
@@ -213,7 +216,7 @@ def start_llm(checkpoint: str, rows: RowEncoder, config: EngineConfig, device: A
             max_num_batched_tokens=max(config.token_budget, rows.window),
             gpu_memory_utilization=config.gpu_memory_utilization, enable_prefix_caching=True,
             # Compiling the model took about 100 s on a 2-core CPU, far more than it saves there.
-            enforce_eager=device.type == "cpu",
+            enforce_eager=device.type == "cpu", block_size=CPU_BLOCK_SIZE if device.type == "cpu" else None,
             # The checkpoint's generation_config.json must not change answers (it may ship a
             # repetition penalty, which the request decides); the "hf" engine ignores it too.
             generation_config="vllm",
