@@ -119,12 +119,16 @@ def load_models(spark: SparkSession, request: Request, engine: EngineConfig, con
     return time.perf_counter() - started, ",".join(engines)
 
 
-def calibration_rows(slots: int, engine: EngineConfig, config) -> tuple[int, int]:
-    """(rows in all, rows per task) of a calibration: a full micro-batch per task slot
-    (``max_batch_rows``, within one Arrow batch), at most ``config.calibrate_rows`` in all."""
-    per_task = min(engine.max_batch_rows, config.arrow_batch_size)
-    total = min(config.calibrate_rows, slots * per_task)
-    return total, max(1, math.ceil(total / slots))
+def micro_batch_rows(engine: EngineConfig, config) -> int:
+    """The most rows a task's engine runs together: ``max_batch_rows``, within one Arrow batch."""
+    return min(engine.max_batch_rows, config.arrow_batch_size)
+
+
+def calibration_rows(slots: int, engine: EngineConfig, config) -> int:
+    """The rows of a calibration: a full micro-batch per task slot, at most
+    ``config.calibrate_rows``, so that it measures a run's batched throughput, not one row at a
+    time."""
+    return min(config.calibrate_rows, slots * micro_batch_rows(engine, config))
 
 
 def calibrate(spark: SparkSession, tickets: DataFrame, config, request: Request, engine: EngineConfig) -> Rate | None:
@@ -132,7 +136,7 @@ def calibrate(spark: SparkSession, tickets: DataFrame, config, request: Request,
     ``tickets`` in full micro-batches, one task per slot, and discard the answers; None when
     nothing is pending or ``config.calibrate_rows`` is 0."""
     slots = working_slots(spark, config)
-    rows, per_task = calibration_rows(slots, engine, config)
+    rows = calibration_rows(slots, engine, config)
     if rows <= 0:
         return None
     sample = staging.first_rows(tickets, config.id_col, rows).cache()
@@ -150,8 +154,10 @@ def calibrate(spark: SparkSession, tickets: DataFrame, config, request: Request,
     sample.unpersist()
     log.info("calibration: %d tickets generated in %.1fs on %d task slots after %.1fs of model loads (answers "
              "discarded)", count, seconds, tasks, load_seconds)
-    short = "" if count >= tasks * min(engine.max_batch_rows, config.arrow_batch_size) else (
-        f"; under a full micro-batch per task (calibrate_rows={config.calibrate_rows}): a run's batches go faster")
+    per_task = math.ceil(count / tasks)
+    why = "few tickets are pending" if count < rows else "calibrate_rows allows"
+    short = "" if per_task >= micro_batch_rows(engine, config) else (
+        f"; under a full micro-batch per task, as {why}: fuller batches may go faster")
     return Rate(seconds * tasks / count, (totals[0] or 0) / count,
                 f"a calibration of {count} tickets ({per_task} per task on {tasks} {slot_kind(spark)} slots) in "
                 f"{seconds:.1f}s, plus {load_seconds:.1f}s to load the model (a run's Delta work not included){short}",

@@ -34,10 +34,10 @@ def test_nothing_pending_needs_no_rate_and_a_missing_one_says_what_to_do():
 
 def test_a_calibration_fills_a_micro_batch_on_each_task_slot():
     engine = EngineConfig()
-    assert calibration_rows(2, engine, SummarizeConfig()) == (2 * engine.max_batch_rows, engine.max_batch_rows)
-    assert calibration_rows(8, EngineConfig(max_batch_rows=16), SummarizeConfig(arrow_batch_size=8)) == (64, 8)
-    assert calibration_rows(4, engine, SummarizeConfig(calibrate_rows=10)) == (10, 3)  # the user's bound
-    assert calibration_rows(4, engine, SummarizeConfig(calibrate_rows=0))[0] == 0
+    assert calibration_rows(2, engine, SummarizeConfig()) == 2 * engine.max_batch_rows
+    assert calibration_rows(8, EngineConfig(max_batch_rows=16), SummarizeConfig(arrow_batch_size=8)) == 8 * 8
+    assert calibration_rows(4, engine, SummarizeConfig(calibrate_rows=10)) == 10  # the user's bound
+    assert calibration_rows(4, engine, SummarizeConfig(calibrate_rows=0)) == 0
 
 
 def test_choices_alone_count_no_generated_tokens():
