@@ -29,7 +29,7 @@ from dolly_spark.batch import claims, incremental, rates, staging
 from dolly_spark.batch import estimate as estimation
 from dolly_spark.batch.incremental import attempt_key, input_hash, merge_results
 from dolly_spark.batch.progress import ChunkProgress
-from dolly_spark.batch.summarize_config import DEFAULT_INSTRUCTION, SummarizeConfig  # noqa: F401 - the job's API
+from dolly_spark.batch.summarize_config import SummarizeConfig
 from dolly_spark.batch.targets import validate
 from dolly_spark.inference.engines import ENGINES, EngineConfig
 from dolly_spark.lifecycle.loader import stage_for_executors
