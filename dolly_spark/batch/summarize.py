@@ -25,13 +25,13 @@ import mlflow
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from dolly_spark.batch import claims, incremental, staging
+from dolly_spark.batch import claims, incremental, rates, staging
 from dolly_spark.batch import estimate as estimation
 from dolly_spark.batch.incremental import attempt_key, input_hash, merge_results
 from dolly_spark.batch.progress import ChunkProgress
+from dolly_spark.batch.summarize_config import SummarizeConfig
 from dolly_spark.batch.targets import validate
-from dolly_spark.inference.engines import AUTO, ENGINE_CHOICES, ENGINES, EngineConfig
-from dolly_spark.job_config import option
+from dolly_spark.inference.engines import ENGINES, EngineConfig
 from dolly_spark.lifecycle.loader import stage_for_executors
 from dolly_spark.request import Request
 from dolly_spark.spark.apply import apply_request
@@ -39,67 +39,6 @@ from dolly_spark.spark.sessions import executor_kind, generation_parallelism
 from dolly_spark.spark.tables import table_exists
 
 log = logging.getLogger(__name__)
-
-DEFAULT_INSTRUCTION = (
-    "Summarize this customer support ticket in one or two sentences: what the customer needs, "
-    "and how urgent it is."
-)
-
-
-@dataclass
-class SummarizeConfig:
-    source_table: str = option("support_tickets", "Delta table of tickets to summarize")
-    target_table: str = option("ticket_summaries", "Delta table the results are MERGEd into, one row per ticket id")
-    model_uri: str = option("models:/support_dolly@champion",
-                            "models:/name@alias, models:/name/version, a local checkpoint or a hub id")
-    instruction: str = option(DEFAULT_INSTRUCTION, "the instruction each ticket's text is the input of")
-    id_col: str = option("ticket_id", "the ticket id column of the source table (the MERGE key)")
-    text_col: str = option("body", "the ticket text column of the source table")
-    max_new_tokens: int = option(96, "the longest summary, in tokens")
-    repetition_penalty: float | None = option(None, "> 1 discourages tokens already in the summary "
-                                              "(1.0: off); default: the value registered with the model version")
-    no_repeat_ngram_size: int | None = option(None, "no n-gram of this size twice in the summary (0: off); "
-                                              "default: the value registered with the model version")
-    max_rows: int = option(0, "process at most this many pending tickets in one run, those of lowest id; the rest "
-                           "stay pending for the next run (0: all of them)")
-    max_hours: float = option(0, "process at most the pending tickets this many hours take, by the estimated rate "
-                              "(see calibrate_rows); the rest stay pending for the next run (0: no limit)")
-    fail_over_budget: bool = option(False, "refuse to run, before generating anything and with the estimate in the "
-                                    "error, when more tickets are pending than max_rows or max_hours allow")
-    dry_run: bool = option(False, "estimate the run instead of running it: pending tickets and why, their prompt "
-                           "tokens, the time and cost; nothing is written to the target")
-    calibrate_rows: int = option(8, "tickets generated (and discarded) to measure the rate for the estimate and "
-                                 "max_hours, when MLflow holds no earlier run of the same request with the same "
-                                 "engine on the same kind of executors (0: never)")
-    price_per_hour: float = option(0, "the price of one executor-hour, for the estimate's cost (0: no cost)")
-    chunk_rows: int = option(5000, "tickets generated and merged per chunk (chunks are ranges of the id); "
-                             "a crash loses at most one chunk")
-    token_budget: int = option(16384, "tokens per generation micro-batch: rows x (prompt + max_new_tokens)")
-    max_input_tokens: int = option(4096, "the longest prompt (template, instruction and ticket), in tokens; "
-                                   "a longer ticket is cut from its end and flagged truncated")
-    arrow_batch_size: int = option(256, "rows per Arrow batch sent to a Python worker")
-    prompt_format: str | None = option(None, "dolly, chat or plain; default: the model's registered format")
-    partitions: int = option(0, "Spark tasks a chunk is generated in (0: one per GPU on GPU executors, "
-                             "from spark.executor/task.resource.gpu.amount; else one per executor core)")
-    max_attempts: int = option(3, "runs that try a ticket whose result is an error before giving up on it "
-                               "(until its text, the instruction, a setting or the model changes); a null, "
-                               "empty or over-long ticket is given up at once")
-    choices: list[str] | None = option(None, "classify each ticket into exactly one of these labels, by scoring "
-                                       "(a YAML list, or comma-separated on the command line); the target gains "
-                                       "label, label_probability and label_probabilities")
-    schema: str | None = option(None, "extract into these typed fields (a Spark DDL schema such as 'order_id STRING, "
-                                "refund_requested BOOLEAN'): answers are JSON constrained to it, parsed into the "
-                                "target's struct column parsed")
-    shared_model_dir: str = option("", "download the model once on the driver into this directory, which every node "
-                                   "reads (a UC Volume, DBFS), for executors without registry access; "
-                                   "empty: each node downloads it into its local cache")
-    claim_timeout_minutes: float = option(60, "a run claims its target table; a claim without a heartbeat "
-                                          "(refreshed between chunks) for this long is taken to be a dead run's, "
-                                          "and taken over")
-    engine: str = option(AUTO, f"the engine that runs the model: {', '.join(ENGINE_CHOICES)} (auto: vllm on executors "
-                         "with a CUDA device and vLLM installed, hf elsewhere; how rows are run, never what they "
-                         "answer: a change of engine reprocesses nothing)")
-    experiment: str = option("dolly_spark", "MLflow experiment of the job's runs")
 
 
 @dataclass
@@ -119,6 +58,14 @@ class SummarizeReport:
     rows_left: int = 0  # pending tickets over the run's cap, left for the next run
     wall_seconds: float = 0.0
     rows_by_engine: dict[str, int] = field(default_factory=dict)  # engine name -> rows it answered
+    # Where the time went, for the rate a later estimate takes from this run (``batch.rates``):
+    # generating (each chunk's seconds x the task slots at work), loading the model, and the
+    # generating of a calibration for max_hours, which is no part of a run's rate or fixed costs.
+    task_slots: int = 0
+    generate_seconds: float = 0.0
+    generate_slot_seconds: float = 0.0
+    load_seconds: float = 0.0
+    calibration_seconds: float = 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -177,8 +124,8 @@ def run_summarize(spark: SparkSession, config: SummarizeConfig) -> SummarizeRepo
     with mlflow.start_run(run_name="summarize_tickets") as run:
         mlflow.log_params({**asdict(config), "model_version": spec.version, "model_name": spec.name,
                            "request_fingerprint": fingerprint})
-        mlflow.set_tags({"job": estimation.RUN_JOB, "resolved_model_uri": spec.uri,
-                         "executor_kind": executor_kind(spark)})
+        mlflow.set_tags({"job": rates.RUN_JOB, "resolved_model_uri": spec.uri,
+                         "executor_kind": executor_kind(spark), "slot_kind": rates.slot_kind(spark)})
         claim = claims.acquire(spark, config.target_table, _owner(spark, run),
                                timedelta(minutes=config.claim_timeout_minutes))
         try:
@@ -200,6 +147,14 @@ def run_summarize(spark: SparkSession, config: SummarizeConfig) -> SummarizeRepo
             "given_up": report.given_up,
             "chunks": report.chunks,
             "rows_left": report.rows_left,
+            "task_slots": report.task_slots,
+            "generate_seconds": report.generate_seconds,
+            "generate_slot_seconds": report.generate_slot_seconds,
+            "load_seconds": report.load_seconds,
+            "calibration_seconds": report.calibration_seconds,
+            # Model loads, selecting and staging the tickets, MERGEs, claims: what a run costs
+            # whatever its size (its calibration's generating excluded).
+            "fixed_seconds": report.wall_seconds - report.generate_seconds - report.calibration_seconds,
             **{f"rows_engine_{name}": rows for name, rows in report.rows_by_engine.items()},
         })
         mlflow.set_tag("engines_used", ",".join(sorted(name for name, rows in report.rows_by_engine.items() if rows)))
@@ -218,7 +173,8 @@ def _summarize_pending(spark: SparkSession, source: DataFrame, config: Summarize
     target = current_target(spark, config)
     pending_table = staging.stage_pending(pending_tickets(source, target, config, request.fingerprint()),
                                           config.target_table)
-    cap, cap_text = _row_cap(spark, pending_table, target, config, request, engine)
+    cap, cap_text, rate = estimation.run_cap(spark, pending_table, target, config, request, engine)
+    report.calibration_seconds = rate.calibration_seconds if rate is not None else 0.0
     pending = staging.plan_chunks(spark, pending_table, config.id_col, config.chunk_rows, cap)
     report.rows_pending, report.chunks, report.rows_left = pending.rows, len(pending.chunks), pending.left_rows
     report.skipped_null_ids = pending.null_id_rows
@@ -233,36 +189,21 @@ def _summarize_pending(spark: SparkSession, source: DataFrame, config: Summarize
                     pending.duplicate_id_rows, config.source_table, config.id_col)
     log.info("%d tickets of %s to summarize with %s version %s, in %d chunks", report.rows_pending,
              config.source_table, report.model_name, report.model_version, report.chunks)
+    report.task_slots = rates.working_slots(spark, config)
+    if report.rows_pending:
+        # Before the first chunk, generating nothing: the chunks' time is then generating alone.
+        report.load_seconds, _ = rates.load_models(spark, request, engine, config, report.task_slots)
     progress = ChunkProgress(report.rows_pending, report.chunks)
     for step, chunk in enumerate(pending.chunks):
         claim.heartbeat()
         # Asked per chunk: executors keep joining a cluster that is starting or scaling up.
         partitions = config.partitions or generation_parallelism(spark)
         tickets = staging.read_chunk(spark, pending, chunk).repartition(partitions)
-        _summarize_chunk(spark, tickets, chunk, config, request, engine, report, claim)
+        seconds = _summarize_chunk(spark, tickets, chunk, config, request, engine, report, claim)
+        report.generate_seconds += seconds
+        report.generate_slot_seconds += seconds * min(rates.working_slots(spark, config), chunk.rows)
         progress.chunk_done(step, chunk.rows, f"{report.errors} errors so far ({report.retried} retried, "
                                               f"{report.recovered} recovered, {report.given_up} given up)")
-
-
-def _row_cap(spark: SparkSession, pending_table: str, target: DataFrame | None, config: SummarizeConfig,
-             request: Request, engine: EngineConfig) -> tuple[int | None, str]:
-    """The run's cap on tickets (None: none) and what sets it. With ``fail_over_budget``, raises
-    BudgetExceededError, before anything is generated, when the pending tickets exceed it."""
-    if config.max_rows <= 0 and config.max_hours <= 0:
-        return None, ""
-    staged = spark.read.table(pending_table)
-    tickets = estimation.keyed(staged).drop(staging.CHUNK_COL, staging.COPIES_COL)
-    rate = estimation.measured_rate(spark, tickets, config, request, engine) if config.max_hours > 0 else None
-    cap, cap_text = estimation.row_cap(config, rate)
-    if config.fail_over_budget and tickets.count() > cap:
-        # The whole pending set, estimated without generating (history only, no calibration).
-        whole = replace(config, max_rows=0, max_hours=0, calibrate_rows=0)
-        estimate = estimation.build(spark, staged, target, whole, request, engine)
-        raise estimation.BudgetExceededError(
-            f"{estimate.pending_rows} tickets of {config.source_table} are pending for {config.target_table}, over "
-            f"the cap of {cap} ({cap_text}); nothing was generated. Raise the cap, or leave out fail_over_budget to "
-            f"take {cap} now and the rest in later runs. The estimate of the whole set:\n{estimate.table()}")
-    return cap, cap_text
 
 
 def _end_claim(spark: SparkSession, claim: claims.Claim) -> None:
@@ -288,7 +229,9 @@ def _owner(spark: SparkSession, run) -> dict:
 
 
 def _summarize_chunk(spark: SparkSession, tickets: DataFrame, chunk: staging.Chunk, config: SummarizeConfig,
-                     request: Request, engine: EngineConfig, report: SummarizeReport, claim: claims.Claim) -> None:
+                     request: Request, engine: EngineConfig, report: SummarizeReport, claim: claims.Claim) -> float:
+    """Generate, stage and MERGE one chunk, adding its counts to ``report``; returns the seconds
+    spent generating (and staging the results)."""
     results = apply_request(tickets, request, engine, input_col=config.text_col, key_col=config.id_col,
                             output_col="_result", arrow_batch_size=config.arrow_batch_size)
     fingerprint = request.fingerprint()
@@ -297,7 +240,9 @@ def _summarize_chunk(spark: SparkSession, tickets: DataFrame, chunk: staging.Chu
                           attempt_key(F.lit(fingerprint), F.col("input_hash")).alias("attempt_key"))
     # Generate exactly once: the results land in Delta before the MERGE reads them (a MERGE may
     # read its source more than once, and may be retried after a lost executor).
+    started = time.perf_counter()
     staged = staging.stage_results(spark, flat, config.target_table)
+    generated = time.perf_counter() - started
     target = None
     if table_exists(spark, config.target_table):
         # Only the chunk's id range of the target: Delta skips the files of every other chunk.
@@ -318,3 +263,4 @@ def _summarize_chunk(spark: SparkSession, tickets: DataFrame, chunk: staging.Chu
     report.given_up += totals["given_up"]
     for name in ENGINES:
         report.rows_by_engine[name] = report.rows_by_engine.get(name, 0) + totals[f"rows_engine_{name}"]
+    return generated
