@@ -32,7 +32,6 @@ PENDING = frozenset({
     "dolly_spark.inference.vllm_repetition.AnswerRepetition.is_argmax_invariant",
     "dolly_spark.inference.vllm_repetition.AnswerRepetition.new_req_logits_processor",
     "dolly_spark.inference.packed_weights.shape_of",
-    "dolly_spark.batch.estimate.Rate.seconds",
     "dolly_spark.batch.estimate.Estimate.as_dict",
 })
 
