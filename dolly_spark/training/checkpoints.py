@@ -7,9 +7,12 @@ restarts so far. A later job with the same configuration resumes from the newest
 checkpoint and continues the same MLflow run; one with another configuration is refused with
 what differs. A finished run (its version registered) leaves the directory free for the next.
 
-A checkpoint is complete when its ``trainer_state.json`` exists: transformers writes that file
-last, and its own resume takes the highest-numbered folder whatever it holds, so a save cut short
-by a crash would fail the resume. Half-written folders are passed over and removed.
+A checkpoint is complete when its ``trainer_state.json`` exists (transformers' rank 0 writes
+that file last) and, for several processes, every rank's ``rng_state_<rank>.pth`` (each rank
+writes its own, with no barrier before rank 0's last file). transformers' own resume takes the
+highest-numbered folder whatever it holds, so a save cut short by a crash would fail the resume,
+or resume a rank from another random state than the uninterrupted run's. Half-written folders
+are passed over and removed.
 """
 from __future__ import annotations
 
@@ -73,27 +76,34 @@ class ConfigurationMismatch(ValueError):
     pass
 
 
-def complete_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+def missing_files(folder: Path, world_size: int = 1) -> list[str]:
+    """What a checkpoint folder of ``world_size`` processes lacks to be complete (nothing: [])."""
+    wanted = [COMPLETE_MARKER] + ([f"rng_state_{rank}.pth" for rank in range(world_size)] if world_size > 1 else [])
+    return [name for name in wanted if not (folder / name).is_file()]
+
+
+def complete_checkpoints(directory: Path, world_size: int = 1) -> list[tuple[int, Path]]:
     """(step, folder) of every complete checkpoint in ``directory``, oldest first."""
     found = []
     for child in Path(directory).iterdir() if Path(directory).is_dir() else []:
         match = CHECKPOINT.match(child.name)
-        if match and (child / COMPLETE_MARKER).is_file():
+        if match and not missing_files(child, world_size):
             found.append((int(match[1]), child))
     return sorted(found)
 
 
-def newest_complete_checkpoint(directory: Path, remove_incomplete: bool = True) -> tuple[int, Path] | None:
-    """The newest complete checkpoint (step, folder), or None. Half-written folders (no
-    ``trainer_state.json``) are passed over, said in the log, and removed when
+def newest_complete_checkpoint(directory: Path, world_size: int = 1,
+                               remove_incomplete: bool = True) -> tuple[int, Path] | None:
+    """The newest complete checkpoint (step, folder) of a run of ``world_size`` processes, or
+    None. Half-written folders are passed over, said in the log, and removed when
     ``remove_incomplete``: the resumed run saves its own in their place."""
     directory = Path(directory)
-    complete = complete_checkpoints(directory)
+    complete = complete_checkpoints(directory, world_size)
     newest = complete[-1] if complete else None
     for child in sorted(directory.iterdir()) if directory.is_dir() else []:
-        match = CHECKPOINT.match(child.name)
-        if match and not (child / COMPLETE_MARKER).is_file():
-            log.warning("passing over %s: half-written (no %s)%s", child, COMPLETE_MARKER,
+        missing = missing_files(child, world_size) if CHECKPOINT.match(child.name) else []
+        if missing:
+            log.warning("passing over %s: half-written (no %s)%s", child, ", ".join(missing),
                         ", removed" if remove_incomplete else "")
             if remove_incomplete:
                 shutil.rmtree(child, ignore_errors=True)

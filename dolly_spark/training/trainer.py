@@ -83,6 +83,10 @@ def training_arguments(config: Any, output_dir: str, steps: int, has_eval: bool,
     if world_size > 1:
         # Without use_cpu, accelerate can quietly leave each CPU process training alone.
         distributed = {"ddp_backend": "nccl" if on_gpu else "gloo", "use_cpu": not on_gpu}
+        if not config.lora:
+            # Every weight of a full fine-tune gets a gradient: no extra pass over the autograd
+            # graph at each step looking for unused ones (what transformers asks DDP for otherwise).
+            distributed["ddp_find_unused_parameters"] = False
     saving = {"save_strategy": "no"}
     if config.save_steps > 0:
         saving = {"save_strategy": "steps", "save_steps": config.save_steps,

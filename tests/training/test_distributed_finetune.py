@@ -1,12 +1,15 @@
 """Fine-tuning in more than one process through Spark's TorchDistributor (gloo on these CPUs):
-the ranks train together and match one process with the same global batch, a rank lost mid-run
-is relaunched from the newest complete checkpoint with the same result, one MLflow run and one
-version; checkpoints of another configuration and settings that cannot run are refused."""
+the README's command in two processes loses a rank (relaunched from the newest complete
+checkpoint), then its job process is killed and the same command run again resumes; the ranks
+train together and the result matches one process with the same global batch, in one MLflow run
+and one version. Checkpoints of another configuration and settings that cannot run are refused."""
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -16,17 +19,13 @@ from mlflow.tracking import MlflowClient
 from dolly_spark.training.checkpoints import (ConfigurationMismatch, RunState, claim, complete_checkpoints,
                                               newest_complete_checkpoint)
 from dolly_spark.training.configs import FinetuneConfig
+from project_home import REPO, background_command, run_command
 from test_finetune import RECORDS
 
 # Eight records, two optimizer steps an epoch at a global batch of 4 (1 process x 4, or 2 x 2).
 EIGHT = RECORDS + [{"instruction": "Name a fruit.", "context": "", "response": "An apple.", "category": "open_qa"},
                    {"instruction": "Name a color.", "context": "", "response": "Red.", "category": "open_qa"}]
-# Measured here (2-core CPU, learning rate 5e-3, 4 steps, weights moved by up to 1.25e-2): 2
-# processes x 2 against 1 x 4 differ by at most 2.1e-5 in any weight and 1.2e-7 in the loss
-# (float32 sums in another order: gloo's all-reduce of two half-batch gradients against one
-# full-batch gradient, which Adam's normalisation enlarges where gradients are near 0). Allowed:
-# 1e-4. A resumed run equals the uninterrupted one exactly (difference 0).
-TOLERANCE = 1e-4
+TOLERANCE = 1e-4  # measured: see the test
 
 
 def test_newest_complete_checkpoint_and_a_configuration_of_its_own(tmp_path):
@@ -40,6 +39,15 @@ def test_newest_complete_checkpoint_and_a_configuration_of_its_own(tmp_path):
     assert newest_complete_checkpoint(tmp_path) == (4, tmp_path / "checkpoint-4")
     assert not (tmp_path / "checkpoint-6").exists()
     assert [step for step, _ in complete_checkpoints(tmp_path)] == [2, 4]
+    # In two processes each rank saves its own RNG state, with no barrier before rank 0's
+    # trainer_state.json: a folder without rank 1's is half-written too.
+    two = tmp_path / "two"
+    for step, ranks in ((8, (0, 1)), (10, (0,))):
+        (two / f"checkpoint-{step}").mkdir(parents=True)
+        for name in ["trainer_state.json"] + [f"rng_state_{rank}.pth" for rank in ranks]:
+            (two / f"checkpoint-{step}" / name).write_text("{}")
+    assert newest_complete_checkpoint(two, world_size=2) == (8, two / "checkpoint-8")
+    assert not (two / "checkpoint-10").exists()
 
     wanted = {"base_model": "models:/m/1", "train_data_version": "3", "learning_rate": 1e-5, "num_processes": 2}
     RunState(tmp_path, wanted, run_id="r1").save()
@@ -71,14 +79,51 @@ def test_settings_that_cannot_run_are_refused_before_training(spark, tmp_path):
         run_finetune(FinetuneConfig(train_data=missing, keep_checkpoints=1), spark)
 
 
-def registered_weights(model_name: str, version: str, cache: Path) -> dict[str, torch.Tensor]:
+# The README's command, then this test's settings: 24 steps of the tiny model at a global batch of
+# 4, a checkpoint every 4 steps. Rank 1 kills itself after step 5 of the first launch (its newest
+# complete checkpoint is 4); the test kills the job once the relaunch has saved checkpoint 8 or
+# later, which leaves up to 16 steps (1 to 3 s here) for the kill to land mid-training.
+README_FINETUNE = "spark-submit jobs/finetune.py --config conf/finetune.yaml --num-processes 2"
+STEPS, SAVE_STEPS, LOST_RANK_STEP, KILL_FROM_STEP = 24, 4, 5, 8
+SETTINGS = dict(max_steps=STEPS, learning_rate=1e-3, warmup_fraction=0.0, max_length=256, eval_fraction=0.0,
+                evaluate=False, seed=5)
+
+
+def flags(settings: dict) -> str:
+    return " ".join(f"--{name.replace('_', '-')} {str(value).lower() if isinstance(value, bool) else value}"
+                    for name, value in settings.items())
+
+
+def newest_step(directory: Path) -> int:
+    return max((step for step, _ in complete_checkpoints(directory, world_size=2)), default=0)
+
+
+def job_driver(shell_pid: int):
+    """The job's Python driver among the processes ``spark-submit`` started (bash, the JVM, and
+    the Python process the JVM runs the job in), once it is there."""
+    import psutil
+
+    for child in psutil.Process(shell_pid).children(recursive=True):
+        try:
+            if child.name().startswith("python") and any("jobs/finetune.py" in part for part in child.cmdline()):
+                return child
+        except psutil.NoSuchProcess:
+            pass
+    return None
+
+
+def weights_of(path: Path) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+def registered_weights(model_name: str, version: str, cache: Path) -> dict[str, torch.Tensor]:
     from dolly_spark.lifecycle.loader import local_model_paths
     from dolly_spark.lifecycle.registry import resolve_model
 
     path, _ = local_model_paths(resolve_model(f"models:/{model_name}/{version}"), str(cache))
-    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+    return weights_of(Path(path))
 
 
 def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -87,51 +132,79 @@ def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 
 
 @pytest.mark.slow
-def test_two_processes_train_as_one_and_survive_a_lost_rank(spark, mlflow_registry, tiny_model_dir, tmp_path,
-                                                            monkeypatch):
+def test_readme_command_in_two_processes_survives_a_lost_rank_and_a_killed_job(mlflow_registry, tiny_model_dir,
+                                                                               tmp_path):
+    import psutil
+
     from dolly_spark.training.distributed import rank_reports
     from dolly_spark.training.finetune import run_finetune
 
+    assert README_FINETUNE in (REPO / "README.md").read_text(encoding="utf-8")
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in EIGHT))
-    common = dict(base_model=str(tiny_model_dir), train_data=str(data), model_name="dist_dolly", max_steps=4,
-                  learning_rate=5e-3, warmup_fraction=0.0, max_length=256, eval_fraction=0.0, evaluate=False,
-                  save_steps=2, seed=5)
-    one = run_finetune(FinetuneConfig(**common, batch_size=4, checkpoint_dir=str(tmp_path / "one")), spark)
-    two = run_finetune(FinetuneConfig(**common, batch_size=2, num_processes=2, checkpoint_dir=str(tmp_path / "two")),
-                       spark)
-    reports = rank_reports(tmp_path / "two", 0)
-    assert sorted(r["rank"] for r in reports) == [0, 1]
-    assert {(r["world_size"], r["backend"]) for r in reports} == {(2, "gloo")}
+    home = tmp_path / "home"  # a clean project home: the job needs nothing but the model and the data
+    command = f"{README_FINETUNE} --base-model {tiny_model_dir} --train-data {data} --model-name two_dolly " \
+              f"--batch-size 2 --save-steps {SAVE_STEPS} {flags(SETTINGS)}"
+    checkpoints = home / "checkpoints" / "two_dolly"
 
-    # Rank 1 kills itself by its pid after step 3 of the first attempt; checkpoint-2 is the newest.
-    monkeypatch.setenv("DOLLY_SPARK_FAULT", "rank1@3")
-    lost = run_finetune(FinetuneConfig(**common, batch_size=2, num_processes=2,
-                                       checkpoint_dir=str(tmp_path / "lost")), spark)
-    assert (lost.restarts, lost.resumed_from) == (1, [2])
-    assert [r["rank"] for r in rank_reports(tmp_path / "lost", 1)] == [0, 1]  # the relaunch
+    # The first job: rank 1 dies, the driver relaunches both from checkpoint 4; once the relaunch
+    # has saved a later one, the job's driver process is killed by its pid.
+    log = tmp_path / "first_job.log"
+    with background_command(command, home, log, DOLLY_SPARK_FAULT=f"rank1@{LOST_RANK_STEP}") as job:
+        deadline = time.monotonic() + 420
+        while newest_step(checkpoints) < KILL_FROM_STEP:
+            assert job.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.05)
+        driver = job_driver(job.pid)
+        ranks = driver.children(recursive=True)  # torchrun and the two ranks
+        driver.send_signal(signal.SIGKILL)
+        assert job.wait(timeout=60) != 0
+        # The driver's orphans (torchrun and the ranks) end on their own: none trains on unwatched.
+        gone, alive = psutil.wait_procs(ranks, timeout=20)
+        assert not alive, [p.cmdline() for p in alive]
+    output = log.read_text()
+    killed_at = newest_step(checkpoints)
+    assert KILL_FROM_STEP <= killed_at < STEPS, output[-3000:]
+    assert "registered two_dolly" not in output and not (checkpoints / "final").exists()
+    assert "restart 1 of at most 2, from the newest complete checkpoint" in output, output[-3000:]
+    assert [(r["rank"], r["world_size"], r["backend"]) for r in rank_reports(checkpoints, 1)] == \
+        [(0, 2, "gloo"), (1, 2, "gloo")]
 
-    cache = tmp_path / "cache"
-    weights = {report.version: registered_weights("dist_dolly", report.version, cache) for report in (one, two, lost)}
-    from transformers import AutoModelForCausalLM
+    # The same command again: it resumes from the newest complete checkpoint, in the same run.
+    result = run_command(command, home)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "registered two_dolly version 1 as @challenger" in output, output[-3000:]
+    assert re.search(rf"resuming from \S+/checkpoint-{killed_at} \(step {killed_at}\)", output), output[-3000:]
+    assert [(r["rank"], r["world_size"], r["backend"]) for r in rank_reports(checkpoints, 0)] == \
+        [(0, 2, "gloo"), (1, 2, "gloo")]
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
-    assert largest_difference(base, weights[one.version]) > 1e-3  # it trained
-    assert largest_difference(weights[one.version], weights[two.version]) < TOLERANCE
-    assert largest_difference(weights[two.version], weights[lost.version]) == 0.0
-    assert abs(one.metrics["train_loss"] - two.metrics["train_loss"]) < TOLERANCE
-
-    client = MlflowClient()
-    # One version per job, restart or not; the restart and the step it resumed from on the run.
-    versions = sorted(int(v.version) for v in client.search_model_versions("name='dist_dolly'"))
-    assert versions == [1, 2, 3] and lost.version == "3"
-    run = client.get_run(lost.run_id)
-    assert run.data.metrics["restarts"] == 1 and run.data.tags["resumed_from_steps"] == "2"
-    assert [m.value for m in client.get_metric_history(lost.run_id, "resumed_from_step")] == [2]
+    registry = f"sqlite:///{home / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=registry, registry_uri=registry)
+    versions = client.search_model_versions("name='two_dolly'")
+    assert [str(v.version) for v in versions] == ["1"]  # one version, whatever the restarts and reruns
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.run_id for r in runs] == [versions[0].run_id]  # one run, continued by the rerun
+    run = runs[0]
+    assert run.data.metrics["restarts"] == 1
+    assert run.data.tags["resumed_from_steps"] == f"{SAVE_STEPS},{killed_at}"
     assert run.data.params["num_processes"] == "2" and run.data.params["sharding"] == "none"
-    # Rank 0 alone logs, and the steps the relaunch trained again are not logged twice.
-    progress = [m.step for m in client.get_metric_history(lost.run_id, "progress_step")]
-    assert sorted(progress) == [1, 2, 3, 4], progress
-    losses = [m.step for m in client.get_metric_history(two.run_id, "loss")]
-    assert len(losses) == len(set(losses)) == 4
-    assert client.get_metric_history(two.run_id, "eta_seconds")
+    # Rank 0 alone logs, and no step is logged twice across the relaunch and the rerun; progress
+    # (step N of M and the time left) at every logging step.
+    logged = int(run.data.params["optimizer_steps"]) // 10
+    progress = [m.step for m in client.get_metric_history(run.info.run_id, "progress_step")]
+    assert sorted(progress) == list(range(logged, STEPS + 1, logged)), progress
+    losses = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert len(losses) == len(set(losses)) == STEPS // logged
+    assert client.get_metric_history(run.info.run_id, "eta_seconds")[-1].value == 0
+
+    # One process with the same global batch (1 x 4 against 2 x 2), uninterrupted. Measured here
+    # (learning rate 5e-3, 24 steps): MEASURED. Allowed: TOLERANCE.
+    one = run_finetune(FinetuneConfig(base_model=str(tiny_model_dir), train_data=str(data), model_name="one_dolly",
+                                      batch_size=4, save_steps=0, checkpoint_dir=str(tmp_path / "one"), **SETTINGS))
+    single = registered_weights("one_dolly", one.version, tmp_path / "cache")
+    two = weights_of(checkpoints / "final")  # what the driver registered
+    assert largest_difference(weights_of(tiny_model_dir), single) > 1e-3  # it trained
+    print("largest difference, 2 processes resumed twice against 1 uninterrupted:", largest_difference(single, two))
+    assert largest_difference(single, two) < TOLERANCE
