@@ -25,7 +25,6 @@ from test_finetune import RECORDS
 # Eight records, two optimizer steps an epoch at a global batch of 4 (1 process x 4, or 2 x 2).
 EIGHT = RECORDS + [{"instruction": "Name a fruit.", "context": "", "response": "An apple.", "category": "open_qa"},
                    {"instruction": "Name a color.", "context": "", "response": "Red.", "category": "open_qa"}]
-TOLERANCE = 1e-4  # measured: see the test
 
 
 def test_newest_complete_checkpoint_and_a_configuration_of_its_own(tmp_path):
@@ -126,9 +125,14 @@ def registered_weights(model_name: str, version: str, cache: Path) -> dict[str, 
     return weights_of(Path(path))
 
 
-def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+def relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> float:
+    """How far ``b`` is from ``a``, as a fraction of how far training moved ``a`` from ``base``."""
+    assert a.keys() == b.keys() == base.keys()
+    flat = {name: torch.cat([w[k].float().flatten() for k in sorted(a)]) for name, w in (("a", a), ("b", b),
+                                                                                         ("base", base))}
+    moved = float((flat["a"] - flat["base"]).norm())
+    assert moved > 0.1, moved  # it trained
+    return float((flat["a"] - flat["b"]).norm()) / moved
 
 
 @pytest.mark.slow
@@ -199,12 +203,22 @@ def test_readme_command_in_two_processes_survives_a_lost_rank_and_a_killed_job(m
     assert len(losses) == len(set(losses)) == STEPS // logged
     assert client.get_metric_history(run.info.run_id, "eta_seconds")[-1].value == 0
 
-    # One process with the same global batch (1 x 4 against 2 x 2), uninterrupted. Measured here
-    # (learning rate 5e-3, 24 steps): MEASURED. Allowed: TOLERANCE.
+    # One process with the same global batch (1 x 4 against 2 x 2), uninterrupted.
     one = run_finetune(FinetuneConfig(base_model=str(tiny_model_dir), train_data=str(data), model_name="one_dolly",
                                       batch_size=4, save_steps=0, checkpoint_dir=str(tmp_path / "one"), **SETTINGS))
+    # Step by step, up to step 8 (through the relaunch from checkpoint 4), the two train alike:
+    # measured here, the losses differ by at most 5e-7 (float32 sums in another order). Later,
+    # Adam turns that noise into whole steps of the learning rate wherever a weight's gradient
+    # is near 0, and the runs drift apart (7e-5 at step 10, 7e-3 at step 24 at a learning rate of
+    # 5e-3; an uninterrupted 2-process run drifts exactly as the resumed one, loss for loss).
+    single_losses = {m.step: m.value for m in MlflowClient().get_metric_history(one.run_id, "loss")}
+    two_losses = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    early = [step for step in sorted(single_losses) if step <= KILL_FROM_STEP]
+    assert max(abs(single_losses[step] - two_losses[step]) for step in early) < 1e-5
+    # So the final weights are compared by how far they moved: measured, the 2-process model is
+    # 0.018 of the distance training moved the weights away from the 1-process one (learning
+    # rate 1e-3, 24 steps; 1.8e-3 at most in any weight). Allowed: 0.05.
     single = registered_weights("one_dolly", one.version, tmp_path / "cache")
     two = weights_of(checkpoints / "final")  # what the driver registered
-    assert largest_difference(weights_of(tiny_model_dir), single) > 1e-3  # it trained
-    print("largest difference, 2 processes resumed twice against 1 uninterrupted:", largest_difference(single, two))
-    assert largest_difference(single, two) < TOLERANCE
+    base = weights_of(tiny_model_dir)
+    assert relative_distance(single, two, base) < 0.05
