@@ -32,6 +32,10 @@ dbutils.widgets.text("epochs", str(defaults.epochs), "Passes over the training r
 dbutils.widgets.text("max_steps", str(defaults.max_steps), "Optimizer steps, overriding epochs (0: the epochs decide)")
 dbutils.widgets.text("max_eval_records", str(defaults.max_eval_records), "Held-out records scored before and after")
 dbutils.widgets.text("experiment", defaults.experiment, "MLflow experiment")
+dbutils.widgets.text("num_processes", str(defaults.num_processes), "Training processes (one per GPU)")
+dbutils.widgets.dropdown("launch", defaults.launch, ["local", "cluster"], "Processes on the driver node or the executors")
+dbutils.widgets.dropdown("sharding", defaults.sharding, ["none", "fsdp", "zero3"], "Memory sharding across GPUs")
+dbutils.widgets.text("checkpoint_dir", defaults.checkpoint_dir, "Checkpoints (a UC volume path; empty: project home)")
 
 # COMMAND ----------
 
@@ -44,6 +48,10 @@ config = FinetuneConfig(
     max_steps=int(dbutils.widgets.get("max_steps")),
     max_eval_records=int(dbutils.widgets.get("max_eval_records")),
     experiment=dbutils.widgets.get("experiment"),
+    num_processes=int(dbutils.widgets.get("num_processes")),
+    launch=dbutils.widgets.get("launch"),
+    sharding=dbutils.widgets.get("sharding"),
+    checkpoint_dir=dbutils.widgets.get("checkpoint_dir"),
 )
 configure_mlflow(config.experiment)
 report = run_finetune(config, spark=spark)

@@ -37,6 +37,20 @@ class FinetuneConfig:
     seed: int = option(42, "seed of the split, the initialisation and the data order")
     experiment: str = option("dolly_spark", "MLflow experiment of the fine-tune run")
     alias: str = option(CHALLENGER, "alias the new version gets")
+    num_processes: int = option(1, "training processes (one per GPU; gloo processes on CPUs); 1: in the job's "
+                                   "own process; more: launched by Spark's TorchDistributor")
+    launch: str = option("local", "where the processes run: local (on the driver node, as Dolly's 8 GPUs) or "
+                                  "cluster (barrier tasks on the executors, one per GPU, several nodes)")
+    sharding: str = option("none", "memory sharding across GPUs: none (DDP: each process holds the whole model), "
+                                   "fsdp (FSDP full shard) or zero3 (DeepSpeed ZeRO-3); GPUs only")
+    offload_optimizer: bool = option(False, "with sharding: keep the optimizer state in CPU memory (small GPUs)")
+    checkpoint_dir: str = option("", "durable directory of this model's checkpoints (a Unity Catalog volume or "
+                                     "DBFS on Databricks); default: checkpoints/<model_name> under the project home")
+    save_steps: int = option(50, "save a checkpoint every this many optimizer steps (0: none)")
+    keep_checkpoints: int = option(2, "newest checkpoints kept (at least 2: one may be half-written)")
+    max_restarts: int = option(2, "times the driver restarts the processes from the newest checkpoint after one dies")
+    resume: bool = option(True, "continue an unfinished run of the same configuration from its newest checkpoint "
+                                "(false: discard it and start again)")
 
 
 @dataclass

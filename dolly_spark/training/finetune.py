@@ -13,16 +13,16 @@ template, which keep the stop they already know).
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
-import tempfile
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import mlflow
 import torch
-from transformers import TrainerCallback
 
 from dolly_spark.prompts import DOLLY_SPECIAL_TOKENS, get_format, stop_token_ids
 from dolly_spark.lifecycle.registry import log_and_register
@@ -30,7 +30,11 @@ from dolly_spark.request import REGISTERED_DEFAULTS, in_effect
 from dolly_spark.training.data import load_records, stratified_split, validate_records
 from dolly_spark.training.examples import encode_examples
 from dolly_spark.training.base_model import load_base_model
+from dolly_spark.training.checkpoints import checkpoint_dir_for, claim, configuration, unfinished_configuration
 from dolly_spark.training.configs import FinetuneConfig
+from dolly_spark.training.distributed import check_devices, check_settings, launch, stage, train_with_restarts
+from dolly_spark.training.trainer import (FAULT_ENV_VAR, Fault, MlflowStepMetrics, Progress, load_checkpoint_weights,
+                                          training_arguments)
 from dolly_spark.training.model_scoring import category_chart, flat_metrics, gain_metrics, score_model
 from dolly_spark.training.tokens import prepare_tokens, training_format
 
@@ -47,15 +51,17 @@ class FinetuneReport:
     skipped: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     train_seconds: float = 0.0
+    restarts: int = 0
+    resumed_from: list[int] = field(default_factory=list)
 
 
 def optimizer_steps(examples: int, config: FinetuneConfig) -> int:
     """Optimizer steps to train for: ``max_steps`` exactly when it is positive, whatever the epochs
     (as transformers' ``TrainingArguments.max_steps``); else ``config.epochs`` passes over
-    ``examples``."""
+    ``examples``, in global batches of ``batch_size x num_processes x gradient_accumulation``."""
     if config.max_steps > 0:
         return config.max_steps
-    per_epoch = math.ceil(examples / (config.batch_size * config.gradient_accumulation))
+    per_epoch = math.ceil(examples / (config.batch_size * config.gradient_accumulation * max(1, config.num_processes)))
     return max(1, math.ceil(per_epoch * config.epochs))
 
 
@@ -70,75 +76,25 @@ def _with_lora(model: Any, rank: int, train_embeddings: bool) -> Any:
     return get_peft_model(model, config)
 
 
-class MlflowStepMetrics(TrainerCallback):
-    """Logs the Trainer's numbers (loss, eval loss, learning rate) and tokens/s at every log step."""
-
-    def __init__(self):
-        self.last = (time.perf_counter(), 0)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        metrics = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
-        seen = int(getattr(state, "num_input_tokens_seen", 0) or 0)
-        now = time.perf_counter()
-        if seen > self.last[1] and now > self.last[0]:
-            metrics["tokens_per_second"] = (seen - self.last[1]) / (now - self.last[0])
-            self.last = (now, seen)
-        mlflow.log_metrics(metrics, step=state.global_step)
-
-
-def _length_grouped_batches(arguments_class) -> dict[str, Any]:
-    """Batches of similar lengths (shuffled in mega-batches), so far less padding is computed;
-    the option's name changed within transformers 5."""
-    fields = getattr(arguments_class, "__dataclass_fields__", {})
-    if "train_sampling_strategy" in fields:
-        return {"train_sampling_strategy": "group_by_length"}
-    return {"group_by_length": True} if "group_by_length" in fields else {}
-
-
-def _checkpointing(arguments_class, on: bool) -> dict[str, Any]:
-    """Activations recomputed in the backward pass instead of kept (on GPUs, for memory), under
-    the option's name in this transformers: ``activation_checkpointing`` in newer 5.x releases,
-    ``gradient_checkpointing`` in earlier ones (5.19, which vLLM 0.32 requires)."""
-    fields = getattr(arguments_class, "__dataclass_fields__", {})
-    return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": on}
-
-
-def _training_arguments(config: FinetuneConfig, output_dir: str, steps: int, has_eval: bool):
-    from transformers import TrainingArguments
-
-    on_gpu = torch.cuda.is_available()
-    return TrainingArguments(
-        output_dir=output_dir,
-        max_steps=steps,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=math.ceil(steps * config.warmup_fraction),
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation,
-        **_length_grouped_batches(TrainingArguments),
-        logging_steps=max(1, min(10, steps // 10)),
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=config.eval_steps,
-        save_strategy="no",
-        report_to="none",
-        seed=config.seed,
-        data_seed=config.seed,
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
-        **_checkpointing(TrainingArguments, on_gpu),
-        dataloader_pin_memory=on_gpu,
-        include_num_input_tokens_seen=True,
-        disable_tqdm=True,
-        remove_unused_columns=False,
-    )
-
-
 def run_finetune(config: FinetuneConfig, spark: Any = None) -> FinetuneReport:
     """Fine-tune, register a new version of ``config.model_name`` with alias ``config.alias``,
-    and return what happened. Everything is logged to one MLflow run."""
-    from transformers import DataCollatorForSeq2Seq, Trainer
+    and return what happened. Everything is logged to one MLflow run, which a job resuming an
+    unfinished run of the same configuration continues."""
+    check_settings(config)
+    distributed = config.num_processes > 1
+    if distributed and spark is None:
+        from dolly_spark.spark.sessions import get_spark
 
-    records, source = load_records(config.train_data, spark)
+        spark = get_spark("dolly_spark-finetune")
+    gpu = check_devices(config, spark)
+    directory = checkpoint_dir_for(config)
+    saved = unfinished_configuration(directory) if config.resume else None
+    pinned = None
+    if saved and saved.get("train_data_kind") == "delta" and saved.get("train_data") == config.train_data:
+        pinned = int(saved["train_data_version"])  # the resumed run's data, whatever was appended since
+    # The driver reads the data once; the ranks get the encoded examples.
+    records, source = load_records(config.train_data, spark, pinned) if pinned is not None \
+        else load_records(config.train_data, spark)
     validation = validate_records(records)
     train_records, eval_records = stratified_split(validation.kept, config.eval_fraction, config.seed)
     if not train_records:
@@ -148,6 +104,8 @@ def run_finetune(config: FinetuneConfig, spark: Any = None) -> FinetuneReport:
     base = load_base_model(config.base_model)
     model, tokenizer, base_format = base.model, base.tokenizer, base.own_format
     trained_format = training_format(config.prompt_format, base_format)
+    # Before any scoring or training: an unfinished run of another configuration is refused.
+    state = claim(directory, configuration(config, base.uri, source, trained_format), config.resume)
     repetition = repetition_control(config, base.repetition)
     scored = eval_records[: config.max_eval_records]
     evaluations: dict[str, dict[str, Any]] = {}
@@ -170,12 +128,18 @@ def run_finetune(config: FinetuneConfig, spark: Any = None) -> FinetuneReport:
         )
     steps = optimizer_steps(len(train_set.examples), config)
 
-    with mlflow.start_run(run_name=f"finetune-{config.model_name}") as run:
-        mlflow.set_tags({"job": "finetune", "base_model": config.base_model})
-        mlflow.log_params({**asdict(config), **source.as_params(), "new_special_tokens": new_tokens,
-                           "trained_prompt_format": trained_format, "baseline_prompt_format": base_format,
-                           "optimizer_steps": steps, "scoring_repetition_control": repetition or "off"})
-        _log_training_input(source, validation.kept)
+    run_arguments = {"run_id": state.run_id} if state.run_id else {"run_name": f"finetune-{config.model_name}"}
+    with mlflow.start_run(**run_arguments) as run:
+        state.run_id = run.info.run_id
+        state.save()
+        mlflow.set_tags({"job": "finetune", "base_model": config.base_model, "checkpoint_dir": str(directory)})
+        _log_params({**asdict(config), **source.as_params(), "new_special_tokens": new_tokens,
+                     "trained_prompt_format": trained_format, "baseline_prompt_format": base_format,
+                     "optimizer_steps": steps, "global_batch": config.batch_size * config.num_processes
+                     * config.gradient_accumulation, "scoring_repetition_control": repetition or "off",
+                     "devices": "gpu" if gpu else "cpu"}, run.info.run_id, state.resumed)
+        if not state.resumed:
+            _log_training_input(source, validation.kept)
         mlflow.log_metrics({
             "records_read": len(records), "records_kept": len(validation.kept),
             "train_examples": len(train_set.examples), "eval_examples": len(eval_set.examples),
@@ -185,27 +149,76 @@ def run_finetune(config: FinetuneConfig, spark: Any = None) -> FinetuneReport:
         if "base" in evaluations:
             metrics.update(flat_metrics("before", evaluations["base"]))
 
-        trainable = _with_lora(model, config.lora_rank, new_tokens > 0) if config.lora else model
-        with tempfile.TemporaryDirectory() as output_dir:
-            trainer = Trainer(
-                model=trainable,
-                args=_training_arguments(config, output_dir, steps, bool(eval_set.examples)),
-                train_dataset=train_set.examples,
-                eval_dataset=eval_set.examples or None,
-                data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100,
-                                                     pad_to_multiple_of=8 if torch.cuda.is_available() else None),
-                callbacks=[MlflowStepMetrics()],
-            )
-            length = f"max_steps {config.max_steps}" if config.max_steps > 0 else f"{config.epochs:.3g} epochs"
-            log.info("training %s in the %s format: %d examples, %d steps (%s)",
-                     config.base_model, trained_format, len(train_set.examples), steps, length)
-            started = time.perf_counter()
-            outcome = trainer.train()
-            train_seconds = time.perf_counter() - started
-        model = trainable.merge_and_unload() if config.lora else trainable
+        length = f"max_steps {config.max_steps}" if config.max_steps > 0 else f"{config.epochs:.3g} epochs"
+        log.info("training %s in the %s format: %d examples, %d steps (%s), %d process(es) (%s), checkpoints in %s",
+                 config.base_model, trained_format, len(train_set.examples), steps, length, config.num_processes,
+                 f"{config.launch}, sharding {config.sharding}" if distributed else "in this process", directory)
+        fault = None if state.resumed else os.environ.get(FAULT_ENV_VAR)
+
+        def on_resume(step: int) -> None:
+            state.resumed_from.append(step)
+            state.save()
+            mlflow.log_metric("resumed_from_step", step, step=len(state.resumed_from))
+            mlflow.set_tag("resumed_from_steps", ",".join(map(str, state.resumed_from)))
+
+        def on_restart(attempt: int, failure: BaseException) -> None:
+            state.restarts += 1
+            state.save()
+            mlflow.log_metric("restarts", state.restarts)
+            log.warning("a training process failed (%s); restart %d of at most %d, from the newest complete "
+                        "checkpoint", str(failure).strip().splitlines()[0][:300] if str(failure).strip() else
+                        type(failure).__name__, attempt, config.max_restarts)
+
+        started = time.perf_counter()
+        if distributed:
+            staged = stage(directory, model, tokenizer, train_set.examples, eval_set.examples)
+
+            def start(attempt: int, checkpoint: str | None, resumed_step: int) -> dict[str, Any]:
+                spec = {"config": config, "directory": str(directory), "steps": steps, "run_id": state.run_id,
+                        "resume_from": checkpoint, "attempt": attempt, "driver_pid": os.getpid(),
+                        "log_after_step": _last_logged_step(state.run_id), "fault": fault if attempt == 0 else None,
+                        "tracking_uri": mlflow.get_tracking_uri(), "registry_uri": mlflow.get_registry_uri(),
+                        "new_tokens": new_tokens}
+                return launch(config, spark, gpu, spec)
+
+            train_with_restarts(config, state, start, on_resume, on_restart, config.max_restarts)
+            from transformers import AutoModelForCausalLM
+
+            final = directory / "final"
+            outcome = json.loads((final / "outcome.json").read_text())
+            model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
+            log.info("trained model read from %s (staged base in %s)", final, staged)
+            train_loss = outcome["train_loss"]
+        else:
+            from transformers import DataCollatorForSeq2Seq, Trainer
+
+            trainable = _with_lora(model, config.lora_rank, new_tokens > 0) if config.lora else model
+
+            def start(attempt: int, checkpoint: str | None, resumed_step: int) -> dict[str, Any]:
+                after = _last_logged_step(state.run_id)
+                callbacks = [MlflowStepMetrics(state.run_id, after), Progress(state.run_id, after)]
+                if fault and attempt == 0:
+                    callbacks.append(Fault(fault, 0, os.getpid()))
+                load_checkpoint_weights(trainable, checkpoint, config.lora)
+                trainer = Trainer(
+                    model=trainable,
+                    args=training_arguments(config, str(directory), steps, bool(eval_set.examples)),
+                    train_dataset=train_set.examples,
+                    eval_dataset=eval_set.examples or None,
+                    data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100,
+                                                         pad_to_multiple_of=8 if torch.cuda.is_available() else None),
+                    callbacks=callbacks,
+                )
+                return {"train_loss": float(trainer.train(resume_from_checkpoint=checkpoint).training_loss)}
+
+            # In this process a failure is the driver's own: no restart here (a rerun resumes).
+            train_loss = train_with_restarts(config, state, start, on_resume, on_restart, 0)["train_loss"]
+            model = trainable.merge_and_unload() if config.lora else trainable
+        train_seconds = time.perf_counter() - started
         model.eval()
-        metrics["train_loss"] = float(outcome.training_loss)
+        metrics["train_loss"] = float(train_loss)
         metrics["train_seconds"] = train_seconds
+        metrics["restarts"] = state.restarts
 
         if "base" in evaluations:
             log.info("scoring the tuned model in the %s format on %d held-out records", trained_format, len(scored))
@@ -219,6 +232,7 @@ def run_finetune(config: FinetuneConfig, spark: Any = None) -> FinetuneReport:
         baseline = {"baseline_prompt_format": base_format}
         if "before_rouge_l" in metrics:
             baseline["baseline_rouge_l"] = round(metrics["before_rouge_l"], 6)
+        # The driver registers once, after training: a restart never adds a version.
         version = log_and_register(
             model.to("cpu"), tokenizer, config.model_name, trained_format, alias=config.alias,
             metadata={"base_model": config.base_model, "base_model_uri": base.uri, "train_data": source.name,
@@ -226,9 +240,32 @@ def run_finetune(config: FinetuneConfig, spark: Any = None) -> FinetuneReport:
                       **({"special_tokens": list(DOLLY_SPECIAL_TOKENS)} if trained_format == "dolly" else {})},
             **repetition,
         )
+        state.finished = True
+        state.save()
         log.info("fine-tuned %s: version %s (@%s), metrics %s", config.model_name, version, config.alias, metrics)
         return FinetuneReport(run.info.run_id, config.model_name, version, len(train_set.examples),
-                              len(eval_set.examples), skipped, metrics, train_seconds)
+                              len(eval_set.examples), skipped, metrics, train_seconds, state.restarts,
+                              list(state.resumed_from))
+
+
+def _log_params(params: dict[str, Any], run_id: str, resumed: bool) -> None:
+    """Log ``params``; a resumed run keeps the values it has (a fault-handling flag changed on
+    the rerun, say) and gets only the new ones."""
+    if resumed:
+        existing = mlflow.MlflowClient().get_run(run_id).data.params
+        changed = {k: v for k, v in params.items() if k in existing and existing[k] != str(v)}
+        if changed:
+            log.info("the resumed run keeps its recorded settings; this job's differ in %s", sorted(changed))
+        params = {k: v for k, v in params.items() if k not in existing}
+    if params:
+        mlflow.log_params(params)
+
+
+def _last_logged_step(run_id: str) -> int:
+    """The last step the run's progress was logged at (0: none): an attempt after a restart
+    does not log those steps again."""
+    history = mlflow.MlflowClient().get_metric_history(run_id, "progress_step")
+    return max((int(m.step) for m in history), default=0)
 
 
 def repetition_control(config: FinetuneConfig, registered: dict[str, float | int]) -> dict[str, float | int]:
