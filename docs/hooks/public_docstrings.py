@@ -22,7 +22,6 @@ PACKAGE = "dolly_spark"
 # a docstring or disappears must be removed (a warning says so), and no name may be added.
 PENDING = frozenset({
     "dolly_spark.training.data.RecordSource.as_params",
-    "dolly_spark.training.finetune.MlflowStepMetrics.on_log",
     "dolly_spark.inference.continuous_batching.ContinuousBatching.generate",
     "dolly_spark.inference.engines.Engine.from_pretrained",
     "dolly_spark.inference.backend.generation_config",

@@ -39,12 +39,14 @@ TRAINING_SETTINGS = ("prompt_format", "epochs", "max_steps", "learning_rate", "w
 
 
 def default_checkpoint_dir(model_name: str) -> Path:
+    """Where ``model_name``'s checkpoints go when the config names no folder: under the project home."""
     from dolly_spark.paths import project_home
 
     return project_home() / "checkpoints" / model_name
 
 
 def checkpoint_dir_for(config: Any) -> Path:
+    """The checkpoint folder of a fine-tune config: its ``checkpoint_dir``, or the default for its model."""
     return Path(config.checkpoint_dir).expanduser().resolve() if config.checkpoint_dir \
         else default_checkpoint_dir(config.model_name)
 
@@ -123,6 +125,7 @@ class RunState:
     resumed: bool = False  # this job continues a run an earlier job left unfinished
 
     def save(self) -> None:
+        """Write this state to its folder's run file."""
         self.directory.mkdir(parents=True, exist_ok=True)
         body = {"configuration": self.configuration, "run_id": self.run_id, "restarts": self.restarts,
                 "resumed_from": self.resumed_from, "finished": self.finished}

@@ -200,6 +200,7 @@ def exit_with_driver(driver_pid: int, every_s: float = 0.5) -> None:
 
 
 def rank_reports(directory: Path, attempt: int) -> list[dict[str, Any]]:
+    """What each rank of launch ``attempt`` reported (rank, world size, backend), in rank order; empty before any."""
     folder = Path(directory) / "ranks" / f"attempt-{attempt}"
     return [json.loads(p.read_text()) for p in sorted(folder.glob("rank-*.json"))] if folder.is_dir() else []
 

@@ -130,9 +130,11 @@ class MlflowStepMetrics(TrainerCallback):
         self.last = (time.perf_counter(), 0)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        """Start the clock and token count that tokens/s are measured from."""
         self.last = (time.perf_counter(), int(getattr(state, "num_input_tokens_seen", 0) or 0))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        """Log the step's metrics to the run, on rank 0 only, each step once."""
         if not state.is_world_process_zero:
             return
         metrics = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
@@ -154,9 +156,11 @@ class Progress(TrainerCallback):
         self.start: tuple[float, int] | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        """Start the clock of the estimated time left."""
         self.start = (time.perf_counter(), state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
+        """On rank 0 at each log step: step N of M and the time left, in the log and in MLflow."""
         if self.start is None:
             self.start = (time.perf_counter(), state.global_step - 1)
         if not state.is_world_process_zero or (state.global_step % args.logging_steps
@@ -199,6 +203,7 @@ class Fault(TrainerCallback):
             self.pid = driver_pid
 
     def on_step_end(self, args, state, control, **kwargs):
+        """Kill the chosen process (this rank, or the driver) once the chosen step is done."""
         if self.pid is not None and state.global_step == self.step:
             log.warning("fault injection: killing pid %d after step %d", self.pid, self.step)
             os.kill(self.pid, signal.SIGKILL)
