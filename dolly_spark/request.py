@@ -204,9 +204,16 @@ def check_choices(choices: Sequence[Any]) -> None:
 
 def check_json_schema(json_schema: str) -> None:
     """Raises ValueError unless ``json_schema`` is JSON text of a JSON object (a schema)."""
+    json_schema_object(json_schema)
+
+
+def json_schema_object(text: str, name: str = "json_schema") -> dict[str, Any]:
+    """The JSON object (a JSON Schema) in ``text``; a ValueError that calls it ``name`` when
+    ``text`` is not JSON, or not an object."""
     try:
-        schema = json.loads(json_schema)
+        schema = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"json_schema is not valid JSON ({exc}); pass the schema as JSON text") from None
+        raise ValueError(f"{name} is not valid JSON ({exc}); pass the schema as JSON text") from None
     if not isinstance(schema, dict):
-        raise ValueError(f"json_schema must be a JSON object (a JSON Schema), not {type(schema).__name__}")
+        raise ValueError(f"{name} must be a JSON object (a JSON Schema), not {type(schema).__name__}")
+    return schema

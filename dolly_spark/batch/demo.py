@@ -19,7 +19,7 @@ from filelock import FileLock
 from pyspark.sql.types import BooleanType, StringType, StructField, StructType
 
 from dolly_spark.paths import user_cache_dir
-from dolly_spark.spark.structured import to_ddl
+from dolly_spark.spark.schema_forms import ENUM_KEY
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +35,28 @@ DEMO_REPETITION_CONTROL = {"repetition_penalty": 1.1, "no_repeat_ngram_size": 4}
 
 
 # The triage the demo runs beside the summaries (conf/triage_tickets.yaml holds the same): a
-# category scored over a fixed label set, and fields extracted under a JSON constraint.
+# category scored over a fixed label set, and fields extracted under a JSON constraint. The
+# schema is a JSON Schema because a DDL string cannot say that urgency is one of three values.
 TRIAGE_INSTRUCTION = "Triage this customer support ticket."
 TRIAGE_LABELS = ["billing", "shipping", "technical", "account", "feature request", "question", "feedback"]
+TRIAGE_URGENCIES = ["low", "medium", "high"]
+TRIAGE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "urgency": {"enum": TRIAGE_URGENCIES},
+        "order_id": {"type": "string", "description": "the order or invoice number as written, or null"},
+        "product": {"type": "string", "description": "the product name"},
+        "refund_requested": {"type": "boolean", "description": "true if the customer asks for money back"},
+    },
+    "required": ["urgency"],
+}
+# TRIAGE_SCHEMA as the struct it is parsed into: urgency a STRING that holds one of its values.
 TRIAGE_FIELDS = StructType([
-    StructField("urgency", StringType(), metadata={"comment": "low, medium or high"}),
+    StructField("urgency", StringType(), nullable=False, metadata={ENUM_KEY: TRIAGE_URGENCIES}),
     StructField("order_id", StringType(), metadata={"comment": "the order or invoice number as written, or null"}),
     StructField("product", StringType(), metadata={"comment": "the product name"}),
     StructField("refund_requested", BooleanType(), metadata={"comment": "true if the customer asks for money back"}),
 ])
-TRIAGE_SCHEMA = to_ddl(TRIAGE_FIELDS)
 DEMO_TRIAGE_TABLE = "ticket_triage"
 # Room for the JSON answer: the demo model's take 40 to 60 tokens.
 TRIAGE_MAX_NEW_TOKENS = 96

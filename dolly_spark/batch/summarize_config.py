@@ -55,9 +55,10 @@ class SummarizeConfig:
     choices: list[str] | None = option(None, "classify each ticket into exactly one of these labels, by scoring "
                                        "(a YAML list, or comma-separated on the command line); the target gains "
                                        "label, label_probability and label_probabilities")
-    schema: str | None = option(None, "extract into these typed fields (a Spark DDL schema such as 'order_id STRING, "
-                                "refund_requested BOOLEAN'): answers are JSON constrained to it, parsed into the "
-                                "target's struct column parsed")
+    schema: str | dict | None = option(None, "extract into these typed fields (a Spark DDL schema such as 'order_id "
+                                       "STRING, refund_requested BOOLEAN', or a JSON Schema: a YAML mapping or JSON "
+                                       "text, where enum limits a field to fixed values): answers are JSON "
+                                       "constrained to it, parsed into the target's struct column parsed")
     shared_model_dir: str = option("", "download the model once on the driver into this directory, which every node "
                                    "reads (a UC Volume, DBFS), for executors without registry access; "
                                    "empty: each node downloads it into its local cache")

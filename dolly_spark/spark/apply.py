@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
@@ -57,7 +57,7 @@ def apply_instruction(
     dtype: str | None = None,
     shared_model_dir: str | None = None,
     choices: Sequence[str] | None = None,
-    schema: str | StructType | None = None,
+    schema: str | StructType | Mapping[str, Any] | type | None = None,
     engine: str = "auto",
     gpu_memory_utilization: float = 0.85,
 ) -> DataFrame:
@@ -72,8 +72,10 @@ def apply_instruction(
     row's prompt (the instruction gains a line listing the labels) and the struct gains
     ``label``, ``label_probability`` and ``label_probabilities`` (a map from every choice to its
     probability; they sum to 1). With ``choices`` alone nothing is generated and ``response`` is
-    the label. ``schema`` (a DDL string such as ``"order_id STRING, refund_requested BOOLEAN"``, or
-    a StructType; a field's COMMENT tells the model what to put there) constrains generation to
+    the label. ``schema`` (a DDL string such as ``"order_id STRING, refund_requested BOOLEAN"``, a
+    StructType, a JSON Schema as a dict or its text, or a pydantic model class; a field's COMMENT
+    or description tells the model what to put there, and an ``enum`` limits a STRING field to its
+    values) constrains generation to
     JSON with those fields (all present, nullable ones may be null) and the struct gains
     ``parsed``, that JSON typed as the schema says: ``F.col("response.parsed.order_id")``. A row
     whose JSON is not complete (cut off by ``max_new_tokens``) keeps its raw text in
@@ -119,7 +121,7 @@ def apply_instruction(
     once into its own local model cache.
 
     Just the text: ``apply_instruction(df, ...).select("*", F.col("response.response").alias("text"))``.
-    Raises ValueError before any Spark job when a column or the model is wrong.
+    Raises ValueError before any Spark job when a column, the schema (naming the field) or the model is wrong.
     """
     instructions = _instruction_column(df, instruction)
     _check_columns(df, input_col, key_col, output_col)

@@ -1,18 +1,20 @@
 """Structured answers on Spark: a Spark schema as the JSON Schema answers are constrained to, and
 the typed fields the result struct gains.
 
-``apply_instruction(..., schema="order_id STRING, refund_requested BOOLEAN")`` takes a DDL string
-or a ``StructType``. The engine generates JSON under the JSON Schema made from it here (every
-field required, nullable fields may be null, a field's COMMENT becomes its description, which
-the prompt shows the model); Spark's own ``from_json`` then parses the text into the struct
-``parsed``, typed exactly as asked, so users select ``response.parsed.order_id``.
-``choices`` add ``label``, ``label_probability`` and ``label_probabilities`` (a map from each
-choice to its probability).
+``apply_instruction(..., schema="order_id STRING, refund_requested BOOLEAN")`` takes a DDL string,
+a ``StructType``, or a JSON Schema (a dict or its text) or pydantic model class, which
+``schema_forms`` reads into a ``StructType`` (a field with an ``enum`` keeps its values in its
+metadata, ``ENUM_KEY``: a STRING that may hold only those). The engine generates JSON under the
+JSON Schema made from the struct here (every field required, nullable fields may be null, a
+field's COMMENT becomes its description, which the prompt shows the model); Spark's own
+``from_json`` then parses the text into the struct ``parsed``, typed exactly as asked, so users
+select ``response.parsed.order_id``. ``choices`` add ``label``, ``label_probability`` and
+``label_probabilities`` (a map from each choice to its probability).
 """
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from pyspark.sql import Column
 from pyspark.sql import functions as F
@@ -38,6 +40,8 @@ from pyspark.sql.types import (
     VarcharType,
 )
 
+from dolly_spark.spark.schema_forms import ENUM_KEY, is_pydantic_model, struct_from_json_schema
+
 LABEL_FIELDS = [StructField("label", StringType()), StructField("label_probability", DoubleType())]
 LABEL_MAP_FIELD = StructField("label_probabilities", MapType(StringType(), DoubleType()))
 # What the UDF returns for the map: the probabilities in the order of the choices, which Spark
@@ -61,11 +65,16 @@ _JSON_TYPES: list[tuple[tuple[type, ...], dict[str, Any]]] = [
 ]
 
 
-def as_struct(schema: str | StructType) -> StructType:
-    """``schema`` (a DDL string such as "order_id STRING, amount DOUBLE", or a StructType) as a
-    StructType; a ValueError that quotes it when it is neither."""
+def as_struct(schema: str | StructType | Mapping[str, Any] | type) -> StructType:
+    """``schema`` as a StructType: a DDL string such as "order_id STRING, amount DOUBLE", a
+    StructType, a JSON Schema (a dict, or its text: text that starts with "{") or a pydantic
+    model class. A ValueError that quotes it, or names the field that cannot be mapped, when it
+    is none of these."""
     if isinstance(schema, StructType):
         struct = schema
+    elif isinstance(schema, Mapping) or is_pydantic_model(schema) or (
+            isinstance(schema, str) and schema.lstrip().startswith("{")):
+        struct = struct_from_json_schema(schema)
     elif isinstance(schema, str) and schema.strip():
         try:
             struct = DataType.fromDDL(schema)
@@ -73,7 +82,8 @@ def as_struct(schema: str | StructType) -> StructType:
             raise ValueError(f"schema {schema!r} is not a Spark DDL schema such as "
                              f"'order_id STRING, refund_requested BOOLEAN': {str(exc).splitlines()[0]}") from None
     else:
-        raise ValueError(f"schema must be a DDL string or a StructType, not {schema!r}")
+        raise ValueError(f"schema must be a DDL string, a StructType, a JSON Schema or a pydantic model class, "
+                         f"not {schema!r}")
     if not isinstance(struct, StructType) or not struct.fields:
         raise ValueError(f"schema {schema!r} must name at least one field, e.g. 'order_id STRING'")
     json_schema(struct)  # every field's type must have a JSON form
@@ -82,7 +92,8 @@ def as_struct(schema: str | StructType) -> StructType:
 
 def json_schema(struct: StructType) -> dict[str, Any]:
     """The JSON Schema of an object with ``struct``'s fields: all required, nullable ones may be
-    null, no other keys; a field's COMMENT is its description."""
+    null, no other keys; a field's COMMENT is its description, its ``ENUM_KEY`` metadata the
+    values its strings may take."""
     return _object(struct, path="")
 
 
@@ -92,24 +103,38 @@ def _object(struct: StructType, path: str) -> dict[str, Any]:
 
 
 def _field(field: StructField, path: str) -> dict[str, Any]:
-    spec = _value(field.dataType, path)
+    spec = _value(field.dataType, path, _enum(field, path))
     comment = (field.metadata or {}).get("comment")
     if comment:
         spec["description"] = comment
     return _nullable(spec) if field.nullable else spec
 
 
-def _value(data_type: DataType, path: str) -> dict[str, Any]:
+def _enum(field: StructField, path: str) -> list[str] | None:
+    values = (field.metadata or {}).get(ENUM_KEY)
+    if values is None:
+        return None
+    if not isinstance(values, list) or not values or not all(isinstance(value, str) for value in values):
+        raise ValueError(f"schema field {path!r} has {ENUM_KEY} {values!r} in its metadata; give a list of strings")
+    return values
+
+
+def _value(data_type: DataType, path: str, enum: list[str] | None = None) -> dict[str, Any]:
+    if enum is not None and isinstance(data_type, (StringType, VarcharType, CharType)):
+        return {"type": "string", "enum": list(enum)}
+    if enum is not None and not isinstance(data_type, (ArrayType, MapType)):
+        raise ValueError(f"schema field {path!r} has an {ENUM_KEY} but type {data_type.simpleString()}; an enum "
+                         "holds strings (a STRING field, or an array or map of strings)")
     for types, spec in _JSON_TYPES:
         if isinstance(data_type, types):
             return dict(spec)
     if isinstance(data_type, StructType):
         return _object(data_type, f"{path}.")
     if isinstance(data_type, ArrayType):
-        items = _value(data_type.elementType, f"{path}[]")
+        items = _value(data_type.elementType, f"{path}[]", enum)
         return {"type": "array", "items": _nullable(items) if data_type.containsNull else items}
     if isinstance(data_type, MapType) and isinstance(data_type.keyType, StringType):
-        values = _value(data_type.valueType, f"{path}{{}}")
+        values = _value(data_type.valueType, f"{path}{{}}", enum)
         return {"type": "object", "additionalProperties": _nullable(values) if data_type.valueContainsNull else values}
     raise ValueError(f"schema field {path!r} has type {data_type.simpleString()}, which has no JSON form here; use "
                      "strings, numbers, booleans, dates, timestamps, arrays, structs or maps with string keys")
@@ -117,7 +142,10 @@ def _value(data_type: DataType, path: str) -> dict[str, Any]:
 
 def _nullable(spec: dict[str, Any]) -> dict[str, Any]:
     # A keyword such as "format" or "properties" applies only to values of its own type, so a
-    # null passes them: adding "null" to the type is enough.
+    # null passes them: adding "null" to the type is enough. "enum" applies to every value, so
+    # null joins its values.
+    if "enum" in spec:
+        return {**spec, "type": [spec["type"], "null"], "enum": [*spec["enum"], None]}
     return {**spec, "type": [spec["type"], "null"]}
 
 
@@ -146,21 +174,6 @@ def structured_columns(raw: Column, choices: Sequence[str], struct: StructType |
     if struct is not None:
         columns.append(F.when(raw["error"].isNull(), F.from_json(raw["response"], struct)).alias(PARSED_FIELD))
     return columns
-
-
-def to_ddl(struct: StructType) -> str:
-    """``struct`` as a DDL string that ``as_struct`` reads back, comments and NOT NULL included
-    (nested types in Spark's simple form)."""
-    def column(field: StructField) -> str:
-        text = f"{field.name} {field.dataType.simpleString()}"
-        if not field.nullable:
-            text += " NOT NULL"
-        comment = (field.metadata or {}).get("comment")
-        if comment:
-            text += " COMMENT '" + comment.replace("\\", "\\\\").replace("'", "\\'") + "'"
-        return text
-
-    return ", ".join(column(field) for field in struct.fields)
 
 
 def describe(struct: StructType | None) -> str | None:

@@ -156,6 +156,9 @@ def test_make_demo_from_a_clean_project_home(spark, quick_demo):
     assert re.search(r"labels matching the sample tickets' hand-written ones: \d+ of 8$", output, re.M)
     triaged = read_delta(spark, home, "ticket_triage")
     assert triaged.count() == 8 and triaged.where("parsed IS NOT NULL").count() > 0
+    # urgency is an enum in the triage schema: the demo model writes one of its values, nothing else.
+    urgencies = {row["urgency"] for row in triaged.where("parsed IS NOT NULL").select("parsed.urgency").collect()}
+    assert urgencies and urgencies <= {"low", "medium", "high"}, urgencies
 
 
 @pytest.mark.slow

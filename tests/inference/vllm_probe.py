@@ -19,9 +19,11 @@ import os
 import sys
 from dataclasses import asdict
 
+# Enums as the Spark layer writes them: a required one, and a nullable one whose values include null.
 SCHEMA = json.dumps({"type": "object", "properties": {
-    "topic": {"type": "string", "enum": ["billing", "shipping", "hardware"]}, "urgent": {"type": "boolean"}},
-    "required": ["topic", "urgent"]})
+    "topic": {"type": "string", "enum": ["billing", "shipping", "hardware"]},
+    "urgency": {"type": ["string", "null"], "enum": ["low", "medium", "high", None]}},
+    "required": ["topic", "urgency"], "additionalProperties": False})
 LONG_INPUT = "The printer jams on every page and the paper tray is stuck. " * 30
 
 # One row of every kind an engine must answer or refuse: ordinary inputs, a long one (truncated or

@@ -4,6 +4,9 @@ with probabilities that sum to 1, JSON that always parses into the typed struct 
 max_new_tokens cut it, and such rows carrying an error."""
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 from pyspark.sql import functions as F
 from pyspark.sql.types import BooleanType, DoubleType, IntegerType, MapType, StringType, StructType
@@ -91,6 +94,49 @@ def test_choices_and_schema_together_on_spark(spark, registered_tiny):
     assert isinstance(out.schema["response"].dataType["label_probabilities"].dataType, MapType)
 
 
+URGENCIES = ["low", "medium", "high"]
+# One schema in the three forms a user may write it: DDL cannot say that urgency is one of three
+# values, so in DDL it is any string; the JSON Schema and the pydantic model say it.
+ENUM_JSON_SCHEMA = {"type": "object", "properties": {
+    "urgency": {"enum": URGENCIES}, "refund_requested": {"type": "boolean"}}, "required": ["urgency"]}
+
+
+def test_an_enum_field_holds_only_its_values_and_every_form_gives_the_same_answers(spark, many_tickets,
+                                                                                 registered_tiny):
+    from typing import Literal, Optional
+
+    from pydantic import BaseModel
+
+    class Triage(BaseModel):
+        urgency: Literal["low", "medium", "high"]
+        refund_requested: Optional[bool] = None
+
+    class FreeTriage(BaseModel):  # the DDL's equivalent
+        urgency: str
+        refund_requested: Optional[bool] = None
+
+    name, _ = registered_tiny
+    tickets = many_tickets.where("trim(body) != ''").orderBy("ticket_id").limit(10).coalesce(1).cache()
+
+    def answers(schema):  # one job per form: each reuses the Python worker, its model loaded
+        out = apply_instruction(tickets, INSTRUCTION, input_col="body", key_col="ticket_id", schema=schema,
+                                model_uri=f"models:/{name}@champion", max_new_tokens=40)
+        return out, [row.asDict(recursive=True) for row in out.orderBy("ticket_id").select("response.*").collect()]
+
+    out, constrained = answers(Triage)
+    assert out.schema["response"].dataType["parsed"].dataType.simpleString() == \
+        "struct<urgency:string,refund_requested:boolean>"
+    parsed = [row["parsed"] for row in constrained if row["parsed"] is not None]
+    assert len(parsed) >= 8
+    assert all(document["urgency"] in URGENCIES for document in parsed)
+    assert constrained == answers(ENUM_JSON_SCHEMA)[1]
+    free = answers("urgency STRING NOT NULL, refund_requested BOOLEAN")[1]
+    assert free == answers(FreeTriage)[1]
+    # Where DDL allows any string the random model writes anything.
+    assert any(not re.match(r'\{"urgency":"(low|medium|high)"', row["response"]) for row in free)
+    tickets.unpersist()
+
+
 def test_bad_schemas_and_choices_fail_on_the_driver_naming_what_is_wrong(spark, registered_tiny):
     name, _ = registered_tiny
     df = spark.createDataFrame([("a", "text")], "ticket_id STRING, body STRING")
@@ -99,6 +145,9 @@ def test_bad_schemas_and_choices_fail_on_the_driver_naming_what_is_wrong(spark, 
         apply_instruction(df, INSTRUCTION, input_col="body", model_uri=uri, schema="order_id STRNG,")
     with pytest.raises(ValueError, match="'when' has type binary"):
         apply_instruction(df, INSTRUCTION, input_col="body", model_uri=uri, schema="when BINARY")
+    with pytest.raises(ValueError, match=r"schema field 'order.level' has enum \[1, 2\], not of strings"):
+        apply_instruction(df, INSTRUCTION, input_col="body", model_uri=uri, schema={"type": "object", "properties": {
+            "order": {"type": "object", "properties": {"level": {"enum": [1, 2]}}}}})
     with pytest.raises(ValueError, match="at least two"):
         apply_instruction(df, INSTRUCTION, input_col="body", model_uri=uri, choices=["only"])
 
