@@ -50,8 +50,9 @@ class SummarizeConfig:
     partitions: int = option(0, "Spark tasks a chunk is generated in (0: one per GPU on GPU executors, "
                              "from spark.executor/task.resource.gpu.amount; else one per executor core)")
     max_attempts: int = option(3, "runs that try a ticket whose result is an error before giving up on it "
-                               "(until its text, the instruction, a setting or the model changes); a null, "
-                               "empty or over-long ticket is given up at once")
+                               "(until its text, the instruction, a setting or the model changes); an error a "
+                               "retry cannot change (a null, empty or over-long ticket, a greedy answer cut off) "
+                               "is given up at once")
     choices: list[str] | None = option(None, "classify each ticket into exactly one of these labels, by scoring "
                                        "(a YAML list, or comma-separated on the command line); the target gains "
                                        "label, label_probability and label_probabilities")
