@@ -72,9 +72,9 @@ def test_no_bigram_is_generated_twice_in_an_answer(tiny_model):
     generated: dict[int, list[int]] = {}
     parse = engine.parser.parse
 
-    def recording_parse(row, tokens):
+    def recording_parse(row, tokens, sampled):
         generated[row.index] = list(tokens)
-        return parse(row, tokens)
+        return parse(row, tokens, sampled)
 
     engine.parser.parse = recording_parse
     engine.run(LENGTHS_INSTRUCTIONS, LENGTHS_CONTEXTS)
