@@ -11,6 +11,7 @@ requests: a worker runs one request over many Arrow batches.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any, Callable
 
@@ -215,8 +216,6 @@ def _encoded_results(results: list[InstructionResult | None], encoded: list[Enco
 def _with_label(answer: InstructionResult, label: InstructionResult) -> InstructionResult:
     """A row's generated answer with its scored label: the label's fields added, both prompts
     counted, and either part's error kept (a row refused for its input says so once)."""
-    from dataclasses import replace
-
     failed = [part for part in (answer, label) if part.error]
     errors = [answer.error] if answer.error else []
     if label.error and label.error != answer.error:

@@ -118,24 +118,31 @@ class VllmEngine:
         request = prepared.request
         results, encoded = self.rows.encode_answers(request, (instructions, contexts, keys))
         if encoded:
+            structured = self._structured_output(prepared)  # one grammar for every row
             outputs = self._run_or_split([row.ids for row in encoded],
-                                         [self._sampling(prepared, row) for row in encoded])
+                                         [self._sampling(request, row, structured) for row in encoded])
             for row, output in zip(encoded, outputs):
                 results[row.index] = (_failed(row, output) if isinstance(output, str) else
                                       parse_answer(self.rows.parser, request, row, _completion_tokens(output.outputs[0])))
         return results  # type: ignore[return-value]
 
-    def _sampling(self, prepared: RequestEncoding, row: EncodedRow):
-        from vllm import SamplingParams
+    @staticmethod
+    def _structured_output(prepared: RequestEncoding):
+        """vLLM's structured-output parameters for the request's ``json_schema``; None without one."""
         from vllm.sampling_params import StructuredOutputsParams
 
         from dolly_spark.inference.constrained import answer_grammar
 
         request = prepared.request
+        if request.json_schema is None:
+            return None
+        return StructuredOutputsParams(grammar=answer_grammar(request.json_schema, prepared.end_id))
+
+    def _sampling(self, request: Request, row: EncodedRow, structured: Any):
+        from vllm import SamplingParams
+
         repetition = ({REPETITION_ARG: [request.repetition_penalty, request.no_repeat_ngram_size]}
                       if request.controls_repetition else None)
-        structured = (StructuredOutputsParams(grammar=answer_grammar(request.json_schema, prepared.end_id))
-                      if request.json_schema is not None else None)
         return SamplingParams(
             max_tokens=request.max_new_tokens, temperature=request.temperature,
             top_p=request.top_p if request.sampling else 1.0, top_k=request.top_k if request.sampling else 0,

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 from dolly_spark.inference.encoder import MAX_CHARS_PER_TOKEN, EncodedRow, PromptEncoder, prompt_limit
-from dolly_spark.inference.engines import EngineConfig
 from dolly_spark.inference.parser import ResponseParser, cut_at_stop
 from dolly_spark.request import Request
 from dolly_spark.inference.planner import micro_batches, prefill_groups, shared_prefix_length

@@ -4,6 +4,7 @@ the same as the equivalent DDL where DDL can say it; an enum a STRING limited to
 what a struct cannot hold refused, naming the field. No Spark job runs here (DDL needs a session)."""
 from __future__ import annotations
 
+import datetime
 import json
 from enum import Enum
 from typing import Literal, Optional
@@ -40,7 +41,7 @@ class Order(BaseModel):
     order_id: Optional[str] = Field(None, description="the order number")
     refund_requested: bool
     quantity: Optional[int] = None
-    opened: Optional[__import__("datetime").date] = None
+    opened: Optional[datetime.date] = None
     items: Optional[list[Optional[Item]]] = None
     notes: Optional[dict[str, Optional[str]]] = None
 

@@ -4,7 +4,6 @@ with probabilities that sum to 1, JSON that always parses into the typed struct 
 max_new_tokens cut it, and such rows carrying an error."""
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
