@@ -161,7 +161,8 @@ def train_rank(spec: dict[str, Any]) -> dict[str, Any]:
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps({"rank": rank, "world_size": seen, "trainer_world_size": world, "pid": os.getpid(),
                                   "backend": dist.get_backend() if seen > 1 else None,
-                                  "device": str(arguments.device), "host": os.uname().nodename}))
+                                  "device": str(arguments.device), "host": os.uname().nodename,
+                                  "workdir": os.getcwd()}))  # a barrier task's: its executor's work directory
     started = time.perf_counter()
     outcome = trainer.train(resume_from_checkpoint=spec["resume_from"])
     seconds = time.perf_counter() - started

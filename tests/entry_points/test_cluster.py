@@ -1,8 +1,10 @@
 """The summarize job on a real Spark standalone cluster, submitted as the README says: executors in
 their own JVMs, each node downloading the model once into its own local disk, and one run on the
-"vllm" engine that meets a Python worker killed mid-task and an executor killed mid-run."""
+"vllm" engine that meets a Python worker killed mid-task and an executor killed mid-run; then the
+fine-tune job's ranks as barrier tasks on the executors."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from dolly_spark.spark.sessions import WORKER_DAEMON_MODULE
-from project_home import REPO, background_command, read_delta, spark_log_lines, spark_log_records
+from project_home import REPO, background_command, read_delta, run_command, spark_log_lines, spark_log_records
 from standalone_cluster import StandaloneCluster
 
 pytestmark = [
@@ -182,3 +184,64 @@ def test_a_run_on_the_cluster_survives_a_killed_python_worker_and_a_killed_execu
     assert all(line.endswith(", load 1 of this process)") for line in loads), loads
     load_pids = loading_pids(loads)
     assert len(load_pids) == len(set(load_pids)), loads
+
+
+# The docs' command for barrier tasks on the executors, at this cluster's two task slots.
+FINETUNE_ON_CLUSTER = "spark-submit jobs/finetune.py --config conf/finetune.yaml --num-processes 8 --launch cluster"
+CLUSTER_STEPS = 4
+
+
+def test_fine_tune_in_cluster_mode_trains_in_barrier_tasks_on_two_executors(spark, cluster, mlflow_registry,
+                                                                            tiny_model_dir, tmp_path):
+    """The docs' cluster command on the standalone cluster: TorchDistributor runs the two ranks as
+    barrier tasks, one in each executor, over gloo; the result equals one process with the same
+    global batch (1 x 4 against 2 x 2), in one MLflow run and one version."""
+    from mlflow.tracking import MlflowClient
+
+    from dolly_spark.training.configs import FinetuneConfig
+    from dolly_spark.training.distributed import rank_reports
+    from dolly_spark.training.finetune import run_finetune
+    from finetune_helpers import EIGHT, SETTINGS, flags, registered_weights, relative_distance, weights_of
+
+    assert FINETUNE_ON_CLUSTER in (REPO / "docs" / "fine-tuning-distributed.md").read_text(encoding="utf-8")
+    on_this_cluster = FINETUNE_ON_CLUSTER.replace("spark-submit", f"spark-submit --master {cluster.url}").replace(
+        "--num-processes 8", "--num-processes 2")
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in EIGHT))
+    home = tmp_path / "home"
+    training = dict(max_steps=CLUSTER_STEPS, **SETTINGS)
+    command = (f"{on_this_cluster} --base-model {tiny_model_dir} --train-data {data} "
+               f"--model-name cluster_dolly --batch-size 2 --save-steps 2 {flags(training)}")
+    result = run_command(command, home, SPARK_LOCAL_IP="127.0.0.1")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "registered cluster_dolly version 1 as @challenger" in output, output[-3000:]
+
+    # Two ranks that saw each other (world size 2 over gloo), each in a task of its own executor:
+    # a barrier task's process runs in its executor's work directory, node*/work/<app>/<executor>.
+    checkpoints = home / "checkpoints" / "cluster_dolly"
+    reports = rank_reports(checkpoints, 0)
+    assert [(r["rank"], r["world_size"], r["backend"]) for r in reports] == [(0, 2, "gloo"), (1, 2, "gloo")]
+    workdirs = {Path(r["workdir"]).resolve() for r in reports}
+    executors = {path.resolve() for path in cluster.root.glob("node*/work/app-*/*/")}
+    assert len(workdirs) == 2 and workdirs <= executors, (workdirs, executors)
+    assert len({path.parent.parent.parent for path in workdirs}) == 2  # on both worker nodes
+
+    registry = f"sqlite:///{home / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=registry, registry_uri=registry)
+    versions = client.search_model_versions("name='cluster_dolly'")
+    assert [str(v.version) for v in versions] == ["1"]
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.run_id for r in runs] == [versions[0].run_id]
+    assert runs[0].data.params["num_processes"] == "2"
+    two_losses = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "loss")}
+
+    one = run_finetune(FinetuneConfig(base_model=str(tiny_model_dir), train_data=str(data), model_name="one_dolly_4",
+                                      batch_size=4, save_steps=0, checkpoint_dir=str(tmp_path / "one"), **training))
+    one_losses = {m.step: m.value for m in MlflowClient().get_metric_history(one.run_id, "loss")}
+    assert one_losses.keys() == two_losses.keys()
+    # Measured: the losses agree within 5e-7 (float32 sums in another order), and the weights
+    # within 7.5e-6 of the distance training moved them. Allowed: 1e-5 and 1e-3.
+    assert max(abs(one_losses[step] - two_losses[step]) for step in one_losses) < 1e-5
+    single = registered_weights("one_dolly_4", one.version, tmp_path / "cache")
+    assert relative_distance(single, weights_of(checkpoints / "final"), weights_of(tiny_model_dir)) < 1e-3

@@ -123,3 +123,25 @@ def test_the_cpu_kv_cache_holds_a_whole_context_window_of_the_model():
     assert cpu_kv_cache_gib(dolly_3b, 2048, torch.bfloat16) * GIB >= one_window
     tiny = GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=512)
     assert cpu_kv_cache_gib(tiny, 512, torch.float32) == 1
+
+
+def test_vllm_reads_a_registered_models_config_and_tokenizer_from_one_directory(tiny_model_dir, tmp_path):
+    """An MLflow model keeps its tokenizer apart (``components/tokenizer``); vLLM reads the model's
+    config beside the tokenizer, so the engine gives it one directory of links to both."""
+    import shutil
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from dolly_spark.inference.vllm_engine import _one_directory
+
+    model, tokenizer = tmp_path / "model", tmp_path / "components" / "tokenizer"
+    model.mkdir()
+    tokenizer.mkdir(parents=True)
+    for item in tiny_model_dir.iterdir():
+        shutil.copy(item, (tokenizer if item.name.startswith(("tokenizer", "special_tokens", "chat_template")) else model) / item.name)
+    assert _one_directory(str(model), None) == str(model) == _one_directory(str(model), str(model))
+    view = _one_directory(str(model), str(tokenizer))
+    assert AutoConfig.from_pretrained(view).model_type == "gpt_neox"
+    assert len(AutoTokenizer.from_pretrained(view)) == len(AutoTokenizer.from_pretrained(tiny_model_dir))
+    with pytest.raises((OSError, ValueError)):  # what vLLM met before: no model config beside the tokenizer
+        AutoConfig.from_pretrained(tokenizer)

@@ -111,9 +111,8 @@ def test_schema_answers_parse(models, vllm_report, hf_answers):
     assert rows == hf_answers["chat"]["schema"]
 
 
-@pytest.mark.parametrize("kind", ["dolly", "chat"])
-def test_a_sampled_rows_answer_follows_its_key_not_its_position(kind, models, vllm_report):
-    answers = vllm_report[models[kind]]["answers"]
+def test_a_sampled_rows_answer_follows_its_key_not_its_position(models, vllm_report):
+    answers = vllm_report[models["dolly"]]["answers"]
     forward, backward = answers["sampled"], answers["sampled_reversed"][::-1]
     assert forward == backward
     assert any(row["response"] for row in forward)

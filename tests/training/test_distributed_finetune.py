@@ -13,18 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from dolly_spark.training.checkpoints import (ConfigurationMismatch, RunState, claim, complete_checkpoints,
                                               newest_complete_checkpoint)
 from dolly_spark.training.configs import FinetuneConfig
+from finetune_helpers import EIGHT, SETTINGS, flags, registered_weights, relative_distance, weights_of
 from project_home import REPO, background_command, run_command
-from test_finetune import RECORDS
-
-# Eight records, two optimizer steps an epoch at a global batch of 4 (1 process x 4, or 2 x 2).
-EIGHT = RECORDS + [{"instruction": "Name a fruit.", "context": "", "response": "An apple.", "category": "open_qa"},
-                   {"instruction": "Name a color.", "context": "", "response": "Red.", "category": "open_qa"}]
 
 
 def test_newest_complete_checkpoint_and_a_configuration_of_its_own(tmp_path):
@@ -84,13 +79,7 @@ def test_settings_that_cannot_run_are_refused_before_training(spark, tmp_path):
 # later, which leaves up to 16 steps (1 to 3 s here) for the kill to land mid-training.
 DOCS_FINETUNE = "spark-submit jobs/finetune.py --config conf/finetune.yaml --num-processes 2"
 STEPS, SAVE_STEPS, LOST_RANK_STEP, KILL_FROM_STEP = 24, 4, 5, 8
-SETTINGS = dict(max_steps=STEPS, learning_rate=1e-3, warmup_fraction=0.0, max_length=256, eval_fraction=0.0,
-                evaluate=False, seed=5)
-
-
-def flags(settings: dict) -> str:
-    return " ".join(f"--{name.replace('_', '-')} {str(value).lower() if isinstance(value, bool) else value}"
-                    for name, value in settings.items())
+TRAINING = dict(max_steps=STEPS, **SETTINGS)
 
 
 def newest_step(directory: Path) -> int:
@@ -111,30 +100,6 @@ def job_driver(shell_pid: int):
     return None
 
 
-def weights_of(path: Path) -> dict[str, torch.Tensor]:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path).state_dict()
-
-
-def registered_weights(model_name: str, version: str, cache: Path) -> dict[str, torch.Tensor]:
-    from dolly_spark.lifecycle.loader import local_model_paths
-    from dolly_spark.lifecycle.registry import resolve_model
-
-    path, _ = local_model_paths(resolve_model(f"models:/{model_name}/{version}"), str(cache))
-    return weights_of(Path(path))
-
-
-def relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> float:
-    """How far ``b`` is from ``a``, as a fraction of how far training moved ``a`` from ``base``."""
-    assert a.keys() == b.keys() == base.keys()
-    flat = {name: torch.cat([w[k].float().flatten() for k in sorted(a)]) for name, w in (("a", a), ("b", b),
-                                                                                         ("base", base))}
-    moved = float((flat["a"] - flat["base"]).norm())
-    assert moved > 0.1, moved  # it trained
-    return float((flat["a"] - flat["b"]).norm()) / moved
-
-
 @pytest.mark.slow
 def test_readme_command_in_two_processes_survives_a_lost_rank_and_a_killed_job(mlflow_registry, tiny_model_dir,
                                                                                tmp_path):
@@ -148,7 +113,7 @@ def test_readme_command_in_two_processes_survives_a_lost_rank_and_a_killed_job(m
     data.write_text("\n".join(json.dumps(r) for r in EIGHT))
     home = tmp_path / "home"  # a clean project home: the job needs nothing but the model and the data
     command = f"{DOCS_FINETUNE} --base-model {tiny_model_dir} --train-data {data} --model-name two_dolly " \
-              f"--batch-size 2 --save-steps {SAVE_STEPS} {flags(SETTINGS)}"
+              f"--batch-size 2 --save-steps {SAVE_STEPS} {flags(TRAINING)}"
     checkpoints = home / "checkpoints" / "two_dolly"
 
     # The first job: rank 1 dies, the driver relaunches both from checkpoint 4; once the relaunch
@@ -205,7 +170,7 @@ def test_readme_command_in_two_processes_survives_a_lost_rank_and_a_killed_job(m
 
     # One process with the same global batch (1 x 4 against 2 x 2), uninterrupted.
     one = run_finetune(FinetuneConfig(base_model=str(tiny_model_dir), train_data=str(data), model_name="one_dolly",
-                                      batch_size=4, save_steps=0, checkpoint_dir=str(tmp_path / "one"), **SETTINGS))
+                                      batch_size=4, save_steps=0, checkpoint_dir=str(tmp_path / "one"), **TRAINING))
     # Step by step, up to step 8 (through the relaunch from checkpoint 4), the two train alike:
     # measured here, the losses differ by at most 5e-7 (float32 sums in another order). Later,
     # Adam turns that noise into whole steps of the learning rate wherever a weight's gradient

@@ -13,19 +13,8 @@ from dolly_spark.prompts import get_format
 from dolly_spark.training.data import stratified_split, validate_records
 from dolly_spark.training.examples import IGNORE_INDEX, encode_example
 from dolly_spark.training.metrics import exact_match, paired_bootstrap, rouge_l, score_by_category
+from finetune_helpers import RECORDS
 
-RECORDS = [
-    {"instruction": "What color is the sky?", "context": "", "response": "The sky is blue.", "category": "open_qa"},
-    {"instruction": "Name a big cat.", "context": "", "response": "A tiger.", "category": "open_qa"},
-    {"instruction": "Summarize the ticket.", "context": "My router reboots every hour.",
-     "response": "Router reboots hourly.", "category": "summarization"},
-    {"instruction": "Summarize the ticket.", "context": "I was billed twice in May.",
-     "response": "Double billing in May.", "category": "summarization"},
-    {"instruction": "Is this positive or negative?", "context": "I love the new app!",
-     "response": "Positive.", "category": "classification"},
-    {"instruction": "Is this positive or negative?", "context": "The earbuds broke in a day.",
-     "response": "Negative.", "category": "classification"},
-]
 BAD_RECORDS = [
     {"instruction": "", "context": "", "response": "orphan answer", "category": "open_qa"},
     {"instruction": "Say nothing.", "context": "", "response": "   ", "category": "open_qa"},
