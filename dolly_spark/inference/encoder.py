@@ -52,6 +52,13 @@ def context_window(config: Any, tokenizer: Any) -> int:
     raise ValueError("cannot tell the model's context window; set max_position_embeddings in its config")
 
 
+def has_sliding_window(config: Any) -> bool:
+    """A sliding-window layer keeps a rolling buffer whose columns are not absolute positions,
+    so the live columns cannot be cut by position there."""
+    layer_types = getattr(config, "layer_types", None) or []
+    return bool(getattr(config, "sliding_window", None)) or any(kind != "full_attention" for kind in layer_types)
+
+
 def prompt_limit(request: Request, window: int, choice_tokens: int | None = None) -> tuple[int, str]:
     """The most prompt tokens a row may have, and which limit that is, in words: the lesser of
     ``max_input_tokens`` and the context window less ``max_new_tokens`` (the answer needs room

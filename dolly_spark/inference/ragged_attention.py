@@ -25,6 +25,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from dolly_spark.inference.encoder import has_sliding_window
+
 RAGGED_SDPA = "dolly_spark_ragged_sdpa"
 
 
@@ -89,13 +91,6 @@ def _can_switch(model: Any) -> bool:
     return (getattr(config, "_attn_implementation", None) == "sdpa" and hasattr(model, "set_attn_implementation")
             # one implementation for the whole model: nothing to restore per sub-model
             and not getattr(config, "sub_configs", None) and not has_sliding_window(config))
-
-
-def has_sliding_window(config: Any) -> bool:
-    """A sliding-window layer keeps a rolling buffer whose columns are not absolute positions,
-    so the live columns cannot be cut by position there."""
-    layer_types = getattr(config, "layer_types", None) or []
-    return bool(getattr(config, "sliding_window", None)) or any(kind != "full_attention" for kind in layer_types)
 
 
 def ragged_sdpa_forward(

@@ -15,10 +15,10 @@ from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from dolly_spark.inference.encoder import EncodedRow, PromptEncoder, context_window, prompt_limit
+from dolly_spark.inference.encoder import (EncodedRow, PromptEncoder, context_window, has_sliding_window,
+                                          prompt_limit)
 from dolly_spark.inference.engines import Rows
 from dolly_spark.inference.parser import ResponseParser
-from dolly_spark.inference.ragged_attention import has_sliding_window
 from dolly_spark.inference.results import FINISH_PENDING, InstructionResult
 from dolly_spark.prompts import (
     PromptFormat,

@@ -19,12 +19,12 @@ import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StaticCache
 
 from dolly_spark.inference.devices import variable_shape_attention
-from dolly_spark.inference.encoder import EncodedRow
+from dolly_spark.inference.encoder import EncodedRow, has_sliding_window
 from dolly_spark.inference.backend import Backend, cache_argument, generation_config
 from dolly_spark.inference.packed_weights import packed_weights_for
 from dolly_spark.inference.planner import prefill_groups, shared_prefix_length
 from dolly_spark.inference.repetition import RepetitionControl
-from dolly_spark.inference.ragged_attention import CacheLayout, has_sliding_window
+from dolly_spark.inference.ragged_attention import CacheLayout
 from dolly_spark.request import Request
 
 if TYPE_CHECKING:  # llguidance is imported only by engines that constrain answers

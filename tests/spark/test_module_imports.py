@@ -1,9 +1,12 @@
 """The spark wing's modules import one another without a cycle, counting imports made inside
 functions too: a cycle hidden in a function works only in the order the modules happen to be
-imported in, and keeps two modules from being understood apart."""
+imported in, and keeps two modules from being understood apart. A job's driver imports neither
+torch nor transformers: only the executors' Python workers run a model."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import dolly_spark.spark
@@ -38,3 +41,13 @@ def test_the_spark_wing_has_no_import_cycle():
         follow(module, module, [module])
     assert graph["sessions"] and graph["install"], graph  # the walk sees imports at all
     assert not cycles, cycles
+
+
+def test_a_jobs_driver_imports_no_model_library():
+    """The summarize job's and apply_instruction's modules, imported as a job's driver imports
+    them: torch and transformers there took about 7 s of every job's start (a fresh process)."""
+    probe = ("import sys, dolly_spark.batch.summarize, dolly_spark.spark.apply; "
+             "print(sorted(name for name in ('torch', 'transformers', 'vllm') if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]", result.stdout
