@@ -2,6 +2,7 @@
 on the driver node, and barrier tasks on the standalone cluster."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -30,6 +31,36 @@ def flags(settings: dict) -> str:
     """``settings`` as the fine-tune job's command-line flags."""
     return " ".join(f"--{name.replace('_', '-')} {str(value).lower() if isinstance(value, bool) else value}"
                     for name, value in settings.items())
+
+
+def eight_records_file(directory: Path) -> Path:
+    """EIGHT, as the JSON-lines training data a fine-tune command reads, in ``directory``."""
+    data = directory / "train.jsonl"
+    data.write_text("\n".join(json.dumps(record) for record in EIGHT))
+    return data
+
+
+def the_run_of_the_one_version(client, model_name: str):
+    """The MLflow run of ``client``'s store, which must hold that run alone, and it must have
+    registered the one version of ``model_name``."""
+    versions = client.search_model_versions(f"name='{model_name}'")
+    assert [str(v.version) for v in versions] == ["1"]
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.run_id for r in runs] == [versions[0].run_id]
+    return runs[0]
+
+
+def one_process_run(base_model: Path, data: Path, model_name: str, directory: Path, training: dict):
+    """(the result, its loss per step) of the fine-tune in this process at a global batch of 4
+    (1 x 4), uninterrupted, with no checkpoints, in the session's MLflow registry."""
+    from mlflow.tracking import MlflowClient
+
+    from dolly_spark.training.configs import FinetuneConfig
+    from dolly_spark.training.finetune import run_finetune
+
+    result = run_finetune(FinetuneConfig(base_model=str(base_model), train_data=str(data), model_name=model_name,
+                                         batch_size=4, save_steps=0, checkpoint_dir=str(directory), **training))
+    return result, {m.step: m.value for m in MlflowClient().get_metric_history(result.run_id, "loss")}
 
 
 def weights_of(path: Path) -> dict[str, torch.Tensor]:

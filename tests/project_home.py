@@ -75,6 +75,14 @@ def seed_home(home: Path, tiny_model_dir: Path) -> Path:
     return home
 
 
+def home_registry(home: Path):
+    """An MLflow client of ``home``'s own tracking store and model registry (its ``mlflow.db``)."""
+    from mlflow import MlflowClient
+
+    registry = f"sqlite:///{home / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=registry, registry_uri=registry)
+
+
 def read_delta(spark, home: Path, table: str):
     """A table of ``home``'s warehouse, read by path (the test session has its own metastore)."""
     return spark.read.format("delta").load(str(home / "warehouse" / table))

@@ -4,7 +4,6 @@ their own JVMs, each node downloading the model once into its own local disk, an
 fine-tune job's ranks as barrier tasks on the executors."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -16,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from dolly_spark.spark.sessions import WORKER_DAEMON_MODULE
-from project_home import REPO, background_command, read_delta, run_command, spark_log_lines, spark_log_records
+from project_home import (REPO, background_command, home_registry, read_delta, run_command, spark_log_lines,
+                          spark_log_records)
 from standalone_cluster import StandaloneCluster
 
 pytestmark = [
@@ -196,18 +196,14 @@ def test_fine_tune_in_cluster_mode_trains_in_barrier_tasks_on_two_executors(spar
     """The docs' cluster command on the standalone cluster: TorchDistributor runs the two ranks as
     barrier tasks, one in each executor, over gloo; the result equals one process with the same
     global batch (1 x 4 against 2 x 2), in one MLflow run and one version."""
-    from mlflow.tracking import MlflowClient
-
-    from dolly_spark.training.configs import FinetuneConfig
     from dolly_spark.training.distributed import rank_reports
-    from dolly_spark.training.finetune import run_finetune
-    from finetune_helpers import EIGHT, SETTINGS, flags, registered_weights, relative_distance, weights_of
+    from finetune_helpers import (SETTINGS, eight_records_file, flags, one_process_run, registered_weights,
+                                  relative_distance, the_run_of_the_one_version, weights_of)
 
     assert FINETUNE_ON_CLUSTER in (REPO / "docs" / "fine-tuning-distributed.md").read_text(encoding="utf-8")
     on_this_cluster = FINETUNE_ON_CLUSTER.replace("spark-submit", f"spark-submit --master {cluster.url}").replace(
         "--num-processes 8", "--num-processes 2")
-    data = tmp_path / "train.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in EIGHT))
+    data = eight_records_file(tmp_path)
     home = tmp_path / "home"
     training = dict(max_steps=CLUSTER_STEPS, **SETTINGS)
     command = (f"{on_this_cluster} --base-model {tiny_model_dir} --train-data {data} "
@@ -227,18 +223,12 @@ def test_fine_tune_in_cluster_mode_trains_in_barrier_tasks_on_two_executors(spar
     assert len(workdirs) == 2 and workdirs <= executors, (workdirs, executors)
     assert len({path.parent.parent.parent for path in workdirs}) == 2  # on both worker nodes
 
-    registry = f"sqlite:///{home / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=registry, registry_uri=registry)
-    versions = client.search_model_versions("name='cluster_dolly'")
-    assert [str(v.version) for v in versions] == ["1"]
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert [r.info.run_id for r in runs] == [versions[0].run_id]
-    assert runs[0].data.params["num_processes"] == "2"
-    two_losses = {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, "loss")}
+    client = home_registry(home)
+    run = the_run_of_the_one_version(client, "cluster_dolly")
+    assert run.data.params["num_processes"] == "2"
+    two_losses = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
 
-    one = run_finetune(FinetuneConfig(base_model=str(tiny_model_dir), train_data=str(data), model_name="one_dolly_4",
-                                      batch_size=4, save_steps=0, checkpoint_dir=str(tmp_path / "one"), **training))
-    one_losses = {m.step: m.value for m in MlflowClient().get_metric_history(one.run_id, "loss")}
+    one, one_losses = one_process_run(tiny_model_dir, data, "one_dolly_4", tmp_path / "one", training)
     assert one_losses.keys() == two_losses.keys()
     # Measured: the losses agree within 5e-7 (float32 sums in another order), and the weights
     # within 7.5e-6 of the distance training moved them. Allowed: 1e-5 and 1e-3.

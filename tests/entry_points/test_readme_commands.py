@@ -9,10 +9,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
 
 from conftest import shared_sample
-from project_home import REPO, background_command, quiet_start_problems, read_delta, run_command, spark_log_lines
+from project_home import (REPO, background_command, home_registry, quiet_start_problems, read_delta, run_command,
+                          spark_log_lines)
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="Spark needs Java 17+ on PATH")
 
 
@@ -119,9 +119,7 @@ def test_readme_job_commands_run_verbatim_on_the_embedded_default(spark, home, q
     assert outcome, output[-2000:]
 
     # The champion that follows from the evaluation's outcome, in the home's registry.
-    registry = f"sqlite:///{home / 'mlflow.db'}"
-    champion = MlflowClient(tracking_uri=registry, registry_uri=registry).get_model_version_by_alias(
-        "support_dolly", "champion")
+    champion = home_registry(home).get_model_version_by_alias("support_dolly", "champion")
     assert int(champion.version) == (2 if outcome[1] == "promoted" else 1), outcome[0]
 
     # The demo fine-tune: from version 1 (here the tiny model), on the dolly sample beside the

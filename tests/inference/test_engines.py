@@ -138,7 +138,8 @@ def test_vllm_reads_a_registered_models_config_and_tokenizer_from_one_directory(
     model.mkdir()
     tokenizer.mkdir(parents=True)
     for item in tiny_model_dir.iterdir():
-        shutil.copy(item, (tokenizer if item.name.startswith(("tokenizer", "special_tokens", "chat_template")) else model) / item.name)
+        tokenizer_file = item.name.startswith(("tokenizer", "special_tokens", "chat_template"))
+        shutil.copy(item, (tokenizer if tokenizer_file else model) / item.name)
     assert _one_directory(str(model), None) == str(model) == _one_directory(str(model), str(model))
     view = _one_directory(str(model), str(tokenizer))
     assert AutoConfig.from_pretrained(view).model_type == "gpt_neox"

@@ -5,7 +5,6 @@ train together and the result matches one process with the same global batch, in
 and one version. Checkpoints of another configuration and settings that cannot run are refused."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -13,13 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from dolly_spark.training.checkpoints import (ConfigurationMismatch, RunState, claim, complete_checkpoints,
                                               newest_complete_checkpoint)
 from dolly_spark.training.configs import FinetuneConfig
-from finetune_helpers import EIGHT, SETTINGS, flags, registered_weights, relative_distance, weights_of
-from project_home import REPO, background_command, run_command
+from finetune_helpers import (SETTINGS, eight_records_file, flags, one_process_run, registered_weights,
+                              relative_distance, the_run_of_the_one_version, weights_of)
+from project_home import REPO, background_command, home_registry, run_command
 
 
 def test_newest_complete_checkpoint_and_a_configuration_of_its_own(tmp_path):
@@ -106,11 +105,9 @@ def test_readme_command_in_two_processes_survives_a_lost_rank_and_a_killed_job(m
     import psutil
 
     from dolly_spark.training.distributed import rank_reports
-    from dolly_spark.training.finetune import run_finetune
 
     assert DOCS_FINETUNE in (REPO / "docs" / "fine-tuning-distributed.md").read_text(encoding="utf-8")
-    data = tmp_path / "train.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in EIGHT))
+    data = eight_records_file(tmp_path)
     home = tmp_path / "home"  # a clean project home: the job needs nothing but the model and the data
     command = f"{DOCS_FINETUNE} --base-model {tiny_model_dir} --train-data {data} --model-name two_dolly " \
               f"--batch-size 2 --save-steps {SAVE_STEPS} {flags(TRAINING)}"
@@ -149,13 +146,9 @@ def test_readme_command_in_two_processes_survives_a_lost_rank_and_a_killed_job(m
     assert [(r["rank"], r["world_size"], r["backend"]) for r in rank_reports(checkpoints, 0)] == \
         [(0, 2, "gloo"), (1, 2, "gloo")]
 
-    registry = f"sqlite:///{home / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=registry, registry_uri=registry)
-    versions = client.search_model_versions("name='two_dolly'")
-    assert [str(v.version) for v in versions] == ["1"]  # one version, whatever the restarts and reruns
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert [r.info.run_id for r in runs] == [versions[0].run_id]  # one run, continued by the rerun
-    run = runs[0]
+    # One version, whatever the restarts and reruns, from one run, continued by the rerun.
+    client = home_registry(home)
+    run = the_run_of_the_one_version(client, "two_dolly")
     assert run.data.metrics["restarts"] == 1
     assert run.data.tags["resumed_from_steps"] == f"{SAVE_STEPS},{killed_at}"
     assert run.data.params["num_processes"] == "2" and run.data.params["sharding"] == "none"
@@ -169,14 +162,12 @@ def test_readme_command_in_two_processes_survives_a_lost_rank_and_a_killed_job(m
     assert client.get_metric_history(run.info.run_id, "eta_seconds")[-1].value == 0
 
     # One process with the same global batch (1 x 4 against 2 x 2), uninterrupted.
-    one = run_finetune(FinetuneConfig(base_model=str(tiny_model_dir), train_data=str(data), model_name="one_dolly",
-                                      batch_size=4, save_steps=0, checkpoint_dir=str(tmp_path / "one"), **TRAINING))
+    one, single_losses = one_process_run(tiny_model_dir, data, "one_dolly", tmp_path / "one", TRAINING)
     # Step by step, up to step 8 (through the relaunch from checkpoint 4), the two train alike:
     # measured here, the losses differ by at most 5e-7 (float32 sums in another order). Later,
     # Adam turns that noise into whole steps of the learning rate wherever a weight's gradient
     # is near 0, and the runs drift apart (7e-5 at step 10, 7e-3 at step 24 at a learning rate of
     # 5e-3; an uninterrupted 2-process run drifts exactly as the resumed one, loss for loss).
-    single_losses = {m.step: m.value for m in MlflowClient().get_metric_history(one.run_id, "loss")}
     two_losses = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
     early = [step for step in sorted(single_losses) if step <= KILL_FROM_STEP]
     assert max(abs(single_losses[step] - two_losses[step]) for step in early) < 1e-5
