@@ -1,7 +1,7 @@
 """The summarize job on a real Spark standalone cluster, submitted as the README says: executors in
 their own JVMs, each node downloading the model once into its own local disk, and one run on the
-"vllm" engine that meets a Python worker killed mid-task and an executor killed mid-run; then the
-fine-tune job's ranks as barrier tasks on the executors."""
+run that meets a Python worker killed mid-task and an executor killed mid-run; then the fine-tune
+job's ranks as barrier tasks on the executors."""
 from __future__ import annotations
 
 import os
@@ -24,10 +24,12 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("java") is None, reason="a Spark cluster needs Java 17+ on PATH"),
 ]
 
-# Answers of up to 32 tokens, not the config's 96, in the cluster run and its reference alike: the
+# Answers of up to 24 tokens, not the config's 96, in the cluster run and its reference alike: the
 # tiny model fills whatever it is given, and what this test checks (faults survived, loads,
-# answers equal to the hf engine's) holds at any length, in about a third of the generation.
-SHORT_ANSWERS = ("--max-new-tokens", "32")
+# answers equal to the reference) holds at any length, in a quarter of the generation. (The
+# README's commands run the same config with 32 in the same home: another request, whose dry
+# run finds no rate of this one.)
+SHORT_ANSWERS = ("--max-new-tokens", "24")
 # Version 1 by number: the home is shared with the README's commands, which may promote another.
 SUMMARIZE = ("spark-submit --master {master} jobs/summarize_tickets.py --config conf/summarize_tickets.yaml "
              f"--model-uri models:/support_dolly/1 {' '.join(SHORT_ANSWERS)}")
@@ -129,11 +131,14 @@ def reference_answers(mlflow_registry, tiny_model_dir) -> dict[str, str]:
 
 def test_a_run_on_the_cluster_survives_a_killed_python_worker_and_a_killed_executor(
         spark, cluster, seeded_home, reference_answers, tmp_path):
-    """One run, chunked, on the "vllm" engine, meets both faults: a Python worker killed inside
-    its task, then an executor killed after the first chunk was merged. It loses nothing, and its
-    answers are the ones the "hf" engine gives the same request in the test process."""
+    """One run, chunked, meets both faults: a Python worker killed inside its task, then an
+    executor killed after the first chunk was merged. It loses nothing, and its answers are the
+    ones the engine gives the same request in the test process. (On the "hf" engine, which
+    "auto" runs on CPU executors: each replaced worker loads the model again, and a vLLM load
+    spawns two processes that import vLLM anew, about 25 s each here; tests/inference runs vLLM
+    on a registered version's files and in Spark's workers.)"""
     log = tmp_path / "job.log"
-    command = f"{SUMMARIZE.format(master=cluster.url)} --target-table cluster_summaries --chunk-rows 20 --engine vllm"
+    command = f"{SUMMARIZE.format(master=cluster.url)} --target-table cluster_summaries --chunk-rows 20"
     # The driver on the loopback address too, as the docs say to do on a single machine.
     with background_command(command, seeded_home, log, SPARK_LOCAL_IP="127.0.0.1") as job:
         (worker, *_) = wait_for(lambda: python_workers_inside_the_udf(cluster), "a Python worker started the UDF", job)
@@ -167,20 +172,17 @@ def test_a_run_on_the_cluster_survives_a_killed_python_worker_and_a_killed_execu
     assert answers == reference_answers
     assert sum(1 for text in answers.values() if text) >= SAMPLE_TICKETS - 1
     engines = summaries.groupBy("engine").count().collect()
-    assert {row["engine"]: row["count"] for row in engines} == {"vllm": SAMPLE_TICKETS}
+    assert {row["engine"]: row["count"] for row in engines} == {"hf": SAMPLE_TICKETS}
 
     # Files came once to each node that ran tasks, into its own local disk, and the replacement
-    # executor found them there; each Python worker loaded one vLLM engine, once (a pid loading
+    # executor found them there; each Python worker loaded one engine, once (a pid loading
     # twice would appear twice). A worker killed inside the download leaves it unrecorded.
     downloads = {cache: [line for ledger in cache.glob("*/downloads.log") for line in ledger.read_text().splitlines()]
                  for cache in node_caches(cluster)}
     assert downloads and all(len(lines) == 1 for lines in downloads.values()), downloads
     assert not (seeded_home / "model_cache").exists() or not any((seeded_home / "model_cache").iterdir())
-    executor_stderr = "".join(path.read_text(errors="replace") for path in
-                              cluster.root.glob(f"node*/work/{app['id']}/*/stderr"))
-    assert "Error parsing config" not in executor_stderr  # vLLM finds the registered model's config beside its tokenizer
     loads = set(executor_loads(cluster, app["id"]))  # an executor's log may repeat a line: each load is numbered
-    assert loads and all(" with engine vllm on cpu " in line for line in loads), loads
+    assert loads and all(" with engine hf on cpu " in line for line in loads), loads
     assert all(line.endswith(", load 1 of this process)") for line in loads), loads
     load_pids = loading_pids(loads)
     assert len(load_pids) == len(set(load_pids)), loads

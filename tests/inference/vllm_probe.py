@@ -1,16 +1,20 @@
 """Runs the rows and requests of ``test_vllm_engine`` through the "vllm" engine in a process of its
-own and writes every result as JSON: ``python vllm_probe.py OUT MODEL_DIR...``. Then it prints
-``ready`` and waits on its standard input, its vLLM engines still loaded, so that the test can kill
-it and see their engine processes go with it.
+own and writes every result as JSON: ``python vllm_probe.py OUT DOLLY_MODEL_DIR CHAT_MODEL_DIR``
+(a checkpoint, or a registered version's files as executors fetch them).
+Then it prints ``ready`` and waits on its standard input, its vLLM engines still loaded, so that the
+test can kill it and see their engine processes go with it.
 
 A process of its own because importing vLLM sets process-wide things (threads, random
 generators) the rest of the test session must not inherit. The test process compares these
 results with the "hf" engine's, computed in the test process on the same checkpoints.
 
-For the first model (the Dolly one) it also runs the engine-config requests under a second,
-very different configuration (``SMALL``), the "hf" engine in this same process after vLLM ran
-the same GPT-NeoX checkpoint, and one batch in which vLLM raises on one row (a failure injected
-into vLLM's ``generate`` for prompts of that row's length).
+The Dolly model's engine runs under a configuration far from the defaults (``SMALL``: one row
+at a time, a token budget under any prompt), the chat model's under the defaults; the test
+compares both with the "hf" engine under its defaults. After vLLM has run the GPT-NeoX
+checkpoint, the "hf" engine runs it in this same process; and on the chat model, one batch has
+vLLM raise on one row (a failure injected into vLLM's ``generate`` for that row's prompt).
+Two vLLM loads in all: each spawns an engine process and a worker process that import vLLM
+anew, about 25 s here.
 """
 from __future__ import annotations
 
@@ -49,8 +53,9 @@ REQUESTS = {
 }
 
 
-# The requests run on every model after the first: a sampled row's seed follows its key whatever
-# the model, so the sampled requests run on the first (Dolly) model only.
+# The requests the Dolly model runs: a sampled row's seed follows its key whatever the model, and
+# in batches of one row its position could not matter, so the sampled requests run on the chat
+# model only.
 UNSAMPLED = tuple(name for name in REQUESTS if not name.startswith("sampled"))
 
 
@@ -73,9 +78,9 @@ def run_all(engine, names=tuple(REQUESTS)) -> dict:
     return answers
 
 
-# How the second configuration differs: one row at a time, a token budget under any prompt.
+# How the Dolly model's configuration differs from the defaults: one row at a time, a token
+# budget under any prompt.
 SMALL = {"token_budget": 16, "max_batch_rows": 1}
-SMALL_COMPARED = ("greedy", "refuse_long", "choices", "schema")
 
 
 def engine_process_ids() -> list[int]:
@@ -106,25 +111,26 @@ def one_row_failing(engine) -> list[dict]:
         engine._generate = generate
 
 
-def main(out: str, model_dirs: list[str]) -> None:
-    from dolly_spark.inference.engine import InstructionEngine
+def load(engine: str, model_dir: str, **settings):
+    """The ``engine`` engine for a checkpoint or a registered version's files (an MLflow model
+    directory, as executors fetch it: its tokenizer apart from its weights), in fp32."""
     from dolly_spark.inference.engines import EngineConfig, engine_class
+    from dolly_spark.lifecycle.loader import checkpoint_paths
 
-    report, engines = {}, []
-    for index, model_dir in enumerate(model_dirs):
-        engine = engine_class("vllm").from_pretrained(model_dir, config=EngineConfig(engine="vllm", dtype="float32"))
-        engines.append(engine)
-        names = tuple(REQUESTS) if index == 0 else UNSAMPLED
-        report[model_dir] = {"engine": type(engine).__name__, "device": str(engine.device),
+    weights, tokenizer = checkpoint_paths(model_dir)
+    config = EngineConfig(engine=engine, dtype="float32", **settings)
+    return engine_class(engine).from_pretrained(weights, tokenizer_path=tokenizer, config=config)
+
+
+def main(out: str, dolly: str, chat: str) -> None:
+    report, engines = {}, {}  # the engines stay loaded, and their processes alive, until the end
+    for model_dir, settings, names in ((dolly, SMALL, UNSAMPLED), (chat, {}, tuple(REQUESTS))):
+        engine = engines[model_dir] = load("vllm", model_dir, **settings)
+        report[model_dir] = {"engine": type(engine).__name__, "device": str(engine.device), "settings": settings,
                              "answers": run_all(engine, names)}
-    dolly = model_dirs[0]
-    small = engine_class("vllm").from_pretrained(dolly, config=EngineConfig(engine="vllm", dtype="float32", **SMALL))
-    engines.append(small)
-    report[dolly]["small_config"] = run_all(small, SMALL_COMPARED)
-    report[dolly]["one_row_failing"] = one_row_failing(engines[0])
+    report[chat]["one_row_failing"] = one_row_failing(engines[chat])
     # The "hf" engine on the GPT-NeoX checkpoint vLLM has run in this process.
-    hf = InstructionEngine.from_pretrained(dolly, config=EngineConfig(engine="hf", dtype="float32"))
-    report[dolly]["hf_after_vllm"] = run_all(hf, ("greedy",))
+    report[dolly]["hf_after_vllm"] = run_all(load("hf", dolly), ("greedy",))
     report["engine_processes"] = engine_process_ids()
     with open(out, "w", encoding="utf-8") as handle:
         json.dump(report, handle)
@@ -133,4 +139,4 @@ def main(out: str, model_dirs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    main(*sys.argv[1:4])

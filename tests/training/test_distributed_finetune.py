@@ -107,6 +107,8 @@ def test_readme_command_in_two_processes_survives_a_lost_rank_and_a_killed_job(m
     from dolly_spark.training.distributed import rank_reports
 
     assert DOCS_FINETUNE in (REPO / "docs" / "fine-tuning-distributed.md").read_text(encoding="utf-8")
+    # The jobs page's fine-tune command, which this runs with two processes.
+    assert DOCS_FINETUNE.removesuffix(" --num-processes 2") in (REPO / "docs" / "jobs.md").read_text(encoding="utf-8")
     data = eight_records_file(tmp_path)
     home = tmp_path / "home"  # a clean project home: the job needs nothing but the model and the data
     command = f"{DOCS_FINETUNE} --base-model {tiny_model_dir} --train-data {data} --model-name two_dolly " \
