@@ -1,7 +1,7 @@
 """The summarize job on a real Spark standalone cluster, submitted as the README says: executors in
-their own JVMs, each node downloading the model once into its own local disk, and one run on the
-run that meets a Python worker killed mid-task and an executor killed mid-run; then the fine-tune
-job's ranks as barrier tasks on the executors."""
+their own JVMs, each node downloading the model once into its own local disk, and one run that
+meets a Python worker killed mid-task and an executor killed mid-run; then the fine-tune job's
+ranks as barrier tasks on the executors."""
 from __future__ import annotations
 
 import os
