@@ -17,13 +17,22 @@ from summarize_helpers import config_for, make_source, one_row_per_ticket
 
 
 @pytest.mark.slow
-def test_job_end_to_end_then_rerun_does_nothing(spark, registered_tiny):
+def test_job_end_to_end_then_a_rerun_under_other_engine_settings_does_nothing(spark, registered_tiny, monkeypatch):
     name, version = registered_tiny
     source = make_source(spark, "tickets_e2e")
+    real_lookup, lookups = MlflowClient.get_model_version_by_alias, []
+
+    def counted_lookup(client, *args, **kwargs):
+        lookups.append(args)
+        return real_lookup(client, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", counted_lookup)
     # One attempt: the ticket without text (T-3) is given up at once, so the rerun has nothing to do.
-    config = config_for(source, "summaries_e2e", f"models:/{name}@champion", max_attempts=1)
+    config = config_for(source, "summaries_e2e", f"models:/{name}@champion", chunk_rows=3, max_attempts=1)
 
     first = run_summarize(spark, config)
+    assert first.chunks == 2
+    assert lookups == [(name, "champion")]  # once for the run, not once per chunk
     rows = one_row_per_ticket(spark, "summaries_e2e")
     assert sorted(rows) == ["T-1", "T-2", "T-3", "T-4", "T-5", "T-6"]
     assert (first.rows_pending, first.rows_written, first.errors, first.skipped_null_ids) == (6, 6, 1, 1)
@@ -34,8 +43,9 @@ def test_job_end_to_end_then_rerun_does_nothing(spark, registered_tiny):
     assert all(row["processed_at"] is not None for row in rows.values())
     assert first.generated_tokens == sum(row["completion_tokens"] for row in rows.values()) > 0
 
+    # How rows are run is not what they answer: another token budget or engine reprocesses nothing.
     table_version = delta_version(spark, "summaries_e2e")
-    second = run_summarize(spark, config)
+    second = run_summarize(spark, dataclasses.replace(config, token_budget=2048, engine="hf"))
     assert (second.rows_pending, second.rows_written, second.generated_tokens) == (0, 0, 0)
     assert delta_version(spark, "summaries_e2e") == table_version
 
@@ -109,29 +119,6 @@ def test_new_model_version_reprocesses_every_ticket(spark, registered_tiny, tiny
     assert len(rows) == 6 and {row["model_version"] for row in rows.values()} == {newer}
     # The target gained the column at this run's MERGE; "auto" ran the "hf" engine on this CPU.
     assert {row["engine"] for row in rows.values()} == {"hf"} and report.rows_by_engine == {"hf": 6, "vllm": 0}
-
-
-@pytest.mark.slow
-def test_one_registry_resolution_per_run_and_engine_settings_reprocess_nothing(spark, registered_tiny, monkeypatch):
-    name, _ = registered_tiny
-    source = make_source(spark, "tickets_resolved_once")
-    real_lookup, lookups = MlflowClient.get_model_version_by_alias, []
-
-    def counted_lookup(client, *args, **kwargs):
-        lookups.append(args)
-        return real_lookup(client, *args, **kwargs)
-
-    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", counted_lookup)
-    config = config_for(source, "summaries_resolved_once", f"models:/{name}@champion", chunk_rows=3, max_attempts=1)
-    first = run_summarize(spark, config)
-    assert first.chunks == 2 and first.rows_written == 6
-    assert lookups == [(name, "champion")]  # once for the run, not once per chunk
-
-    # How rows are run is not what they answer: another token budget or engine reprocesses nothing.
-    table_version = delta_version(spark, "summaries_resolved_once")
-    again = run_summarize(spark, dataclasses.replace(config, token_budget=2048, engine="hf"))
-    assert (again.rows_pending, again.rows_written) == (0, 0)
-    assert delta_version(spark, "summaries_resolved_once") == table_version
 
 
 def test_bad_configuration_fails_before_any_spark_job(spark, registered_tiny):
